@@ -134,8 +134,11 @@ def read_text(path):
         raise DataError(f"{path} is a directory; pass a text file to --txt_file")
     if not os.path.exists(path):
         raise DataError(f"{path} does not exist; pass an existing text file to --txt_file")
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
     try:
         text = raw.decode("utf-8-sig")  # utf-8, ignoring a byte-order mark
     except UnicodeDecodeError as e:

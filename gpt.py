@@ -342,7 +342,10 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
         # TODO: greedy decoding: the index of the largest logit of each row, keeping the dim. -> (B, 1)
         return logits.argmax(dim=-1, keepdim=True)
         # END SOLUTION
+    # BEGIN SOLUTION sample_temperature
+    # TODO: divide the logits (in fp32: logits.float()) by temperature: < 1 sharpens, > 1 flattens. (B, V)
     logits = logits.float() / temperature
+    # END SOLUTION
     if top_k is not None:
         # BEGIN SOLUTION sample_top_k
         # TODO: keep the top_k largest logits of each row (and any tied with the k-th largest): find the

@@ -1,0 +1,469 @@
+"""
+Graded tests of Micro-GPT. Run them with `pytest unittests.py` (or `python unittests.py`).
+
+Each test checks one concept, carries its points (@graded) and names the TODO regions it covers;
+a failure says what was expected, what came out, and which TODO to look at. Your modules are
+imported inside the tests, so a mistake in one file fails only the tests that use it.
+Reference values come from unittests_ref.pt (regenerate: python -m instructor.make_reference).
+"""
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+REF_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unittests_ref.pt")
+
+
+def graded(points, *todos):
+    """Mark a test with its points and the TODO regions it covers."""
+    def mark(test):
+        return pytest.mark.points(points)(pytest.mark.todo(*todos)(test))
+    return mark
+
+
+def load(module):
+    """Import one of your modules; an error there fails this test only."""
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # a syntax error is an Exception too
+        pytest.fail(f"cannot import {module}.py: {type(e).__name__}: {e}", pytrace=False)
+
+
+def fail(message, todo):
+    pytest.fail(f"{message}; look at TODO[{todo}]", pytrace=False)
+
+
+def assert_close(actual, expected, what, todo, atol=1e-5, rtol=1e-4):
+    """Compare tensors; on failure report the largest difference and where it is."""
+    if not torch.is_tensor(actual):
+        fail(f"{what}: expected a tensor, got {type(actual).__name__}", todo)
+    if actual.shape != expected.shape:
+        fail(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(actual.shape)}", todo)
+    actual, expected = actual.detach().double(), expected.detach().double()
+    diff = (actual - expected).abs()
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)
+    if not bool((diff <= atol + rtol * expected.abs()).all()):
+        where = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+        fail(f"{what} differs from the expected values: largest difference {diff.max().item():.3g} at index "
+             f"{where} (expected {expected[where].item():.6g}, got {actual[where].item():.6g})", todo)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return torch.load(REF_PATH, weights_only=True)
+
+
+def tiny_config(**overrides):
+    gpt = load("gpt")
+    return gpt.GPTConfig(**{**dict(vocab_size=13, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0),
+                            **overrides})
+
+
+def ref_model(ref, **overrides):
+    """The reference model with the stored weights (rotary positions unless abs_emb=True)."""
+    gpt = load("gpt")
+    config = gpt.GPTConfig(**{**ref["config"], **overrides})
+    model = gpt.GPT(config).eval()
+    state = dict(ref["state_dict"])
+    if config.abs_emb:
+        state["transformer.wpe.weight"] = ref["wpe"]
+    model.load_state_dict(state)
+    return model
+
+
+# ----------------------------------------------------------------------------- tokenizer and data
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+
+
+@graded(2, "tokenizer_encode", "tokenizer_decode")
+def test_tokenizer_round_trip(tmp_path):
+    dataset = load("dataset")
+    tok = dataset.CharTokenizer(TEXT)
+    chars = sorted(set(TEXT))
+    assert tok.vocab_size == len(chars), f"vocab_size should be {len(chars)} (distinct characters), got {tok.vocab_size}"
+    ids = tok.encode("hear me")
+    expected = [chars.index(c) for c in "hear me"]
+    if ids != expected:
+        fail(f"encode('hear me') should give {expected} (index of each character in sorted order), got {ids}",
+             "tokenizer_encode")
+    if tok.decode(expected) != "hear me":
+        fail(f"decode({expected}) should give 'hear me', got {tok.decode(expected)!r}", "tokenizer_decode")
+    assert tok.decode(tok.encode(TEXT)) == TEXT, "decode(encode(text)) must give the text back"
+    tok.save(tmp_path / "tok.json")
+    assert dataset.CharTokenizer.load(tmp_path / "tok.json").encode(TEXT) == tok.encode(TEXT)
+
+
+@graded(0)
+def test_tokenizer_unknown_character_error():
+    dataset = load("dataset")
+    tok = dataset.CharTokenizer(TEXT)
+    with pytest.raises(ValueError) as error:
+        tok.encode("hear Zé")
+    message = str(error.value)
+    assert "'Z'" in message and "'é'" in message and "position 5" in message, \
+        f"the error should name the unknown characters and where they are, got: {message}"
+
+
+@graded(2, "dataset_item")
+def test_dataset_windows_and_shift():
+    dataset = load("dataset")
+    data = torch.arange(100, 130)  # token ids 100..129, so a window's position is visible in its values
+    ds = dataset.TextDataset(data, block_size=8)
+    assert len(ds) == 30 - 8, f"a text of 30 tokens has {30 - 8} windows of 8 + 1 tokens, len(ds) gave {len(ds)}"
+    for i in (0, 5, len(ds) - 1):
+        x, y = ds[i]
+        assert_close(x, data[i:i + 8], f"x of ds[{i}]", "dataset_item", atol=0, rtol=0)
+        assert_close(y, data[i + 1:i + 9], f"y of ds[{i}] (x shifted by one)", "dataset_item", atol=0, rtol=0)
+        if x.dtype != torch.long:
+            fail(f"x should be a LongTensor, got {x.dtype}", "dataset_item")
+
+
+@graded(0)
+def test_dataset_split_and_errors():
+    dataset = load("dataset")
+    data = torch.arange(1000)
+    train, val = dataset.train_val_split(data, 0.1)
+    assert len(train) == 900 and len(val) == 100 and train[-1] == 899 and val[0] == 900
+    with pytest.raises(ValueError, match="too short"):
+        dataset.TextDataset(torch.arange(8), block_size=8)
+
+
+# ----------------------------------------------------------------------------- norms
+
+@graded(2, "layernorm")
+def test_layernorm_by_hand(ref, monkeypatch):
+    """Bonus: the release falls back on F.layer_norm; this test passes once you compute it yourself."""
+    gpt = load("gpt")
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16) * 3 + 1
+    norms = [gpt.LayerNorm(16, bias=bias) for bias in (True, False)]
+    with torch.no_grad():
+        for ln in norms:
+            ln.weight.normal_(1.0, 0.3)
+            if ln.bias is not None:
+                ln.bias.normal_(0.0, 0.3)
+    expected = [F.layer_norm(x, (16,), ln.weight, ln.bias, 1e-5) for ln in norms]
+    ref_ln = ref_model(ref).transformer.h[0].ln_1
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("LayerNorm.forward calls F.layer_norm; compute it by hand (bonus) in TODO[layernorm]")
+    monkeypatch.setattr(F, "layer_norm", forbidden)
+    monkeypatch.setattr(torch, "layer_norm", forbidden)
+    for ln, want in zip(norms, expected):
+        mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+        formula = (x - mean) / torch.sqrt(var + 1e-5) * ln.weight + (0 if ln.bias is None else ln.bias)
+        assert_close(ln(x), formula, f"LayerNorm(bias={ln.bias is not None}) vs its formula", "layernorm")
+        assert_close(ln(x), want, "LayerNorm vs F.layer_norm", "layernorm")
+    assert_close(ref_ln(ref["x"]), ref["layernorm_out"], "LayerNorm vs the reference", "layernorm")
+
+
+@graded(2, "rmsnorm")
+def test_rmsnorm_matches_formula_and_torch(ref):
+    gpt = load("gpt")
+    x = torch.randn(2, 5, 16) * 3 + 1
+    rms = gpt.RMSNorm(16)
+    with torch.no_grad():
+        rms.weight.normal_(1.0, 0.3)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * rms.weight
+    assert_close(rms(x), expected, "RMSNorm vs its formula", "rmsnorm")
+    assert_close(rms(x), F.rms_norm(x, (16,), rms.weight, 1e-5), "RMSNorm vs F.rms_norm", "rmsnorm")
+    rms = gpt.RMSNorm(ref["config"]["n_embd"])
+    rms.load_state_dict({"weight": ref["rmsnorm_weight"]})
+    assert_close(rms(ref["x"]), ref["rmsnorm_out"], "RMSNorm vs the reference", "rmsnorm")
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+def rotary(head_size=8, max_len=32):
+    return load("gpt").RotaryEmbedding(head_size, max_len)
+
+
+@graded(1, "rotary")
+def test_rotary_identity_at_zero_and_keeps_norms():
+    rope = rotary()
+    x = torch.randn(2, 3, 10, 8)  # (B, nh, T, hs)
+    y = rope(x)
+    assert_close(y[:, :, 0], x[:, :, 0], "rotary at position 0 (a rotation by angle 0)", "rotary")
+    assert_close(y.norm(dim=-1), x.norm(dim=-1), "vector norms after rotary (rotations keep norms)", "rotary")
+    if torch.allclose(y[:, :, 1:], x[:, :, 1:]):
+        fail("rotary left positions > 0 unchanged", "rotary")
+
+
+@graded(2, "rotary")
+def test_rotary_scores_depend_only_on_distance():
+    rope = rotary()
+    qs = rope(torch.randn(8).expand(1, 1, 20, 8))[0, 0]  # the same q at every position, rotated: (20, 8)
+    ks = rope(torch.randn(8).expand(1, 1, 20, 8))[0, 0]
+    s0 = (qs[2] @ ks[0]).item()
+    for m, n in ((3, 1), (7, 5), (19, 17)):
+        s = (qs[m] @ ks[n]).item()
+        if abs(s - s0) > 1e-4:
+            fail(f"q_m . k_n must depend only on m - n: positions (2, 0) give {s0:.6f} but ({m}, {n}) give {s:.6f}",
+                 "rotary")
+
+
+@graded(1, "rotary")
+def test_rotary_offset_and_reference(ref):
+    rope = rotary()
+    x = torch.randn(2, 3, 20, 8)
+    full = rope(x)
+    assert_close(rope(x[:, :, 7:12], offset=7), full[:, :, 7:12],
+                 "rotary of positions 7..11 given offset=7 vs the same slice of the full sequence", "rotary")
+    assert_close(rope(x.bfloat16()).float(), full, "rotary in bf16 (compute in fp32, return x's dtype)", "rotary",
+                 atol=0.05, rtol=0.02)
+    model = ref_model(ref)
+    assert_close(model.transformer.h[0].attn.rotary(ref["q"], offset=3), ref["rotary_out"],
+                 "rotary vs the reference", "rotary")
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention(**overrides):
+    gpt = load("gpt")
+    torch.manual_seed(0)
+    return gpt.CausalSelfAttention(tiny_config(**overrides)).eval()
+
+
+@graded(2, "attn_qkv")
+def test_attention_qkv_shapes_and_heads():
+    attn = attention()
+    x = torch.randn(2, 7, 32)
+    q, k, v = attn.qkv(x)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not torch.is_tensor(t) or t.shape != (2, 4, 7, 8):
+            fail(f"{name} should have shape (B, nh, T, hs) = (2, 4, 7, 8), got "
+                 f"{tuple(t.shape) if torch.is_tensor(t) else type(t).__name__}", "attn_qkv")
+    qkv = attn.c_attn(x)  # (B, T, 3C): q for head h is channels h*hs:(h+1)*hs of the first C
+    for name, t, part in (("q", q, 0), ("k", k, 1), ("v", v, 2)):
+        for h in (0, 3):
+            start = part * 32 + h * 8
+            assert_close(t[:, h], qkv[:, :, start:start + 8],
+                         f"{name} of head {h} (channels {start}..{start + 7} of c_attn's output)", "attn_qkv")
+
+
+@graded(2, "attn_scores", "attn_mask", "attn_softmax")
+def test_attention_probs_formula():
+    attn = attention()
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+    scores = scores.masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+    assert_close(attn.attention_probs(q, k), scores.softmax(-1),
+                 "attention probabilities softmax(mask(q k^T / sqrt(hs)))", "attn_scores")
+
+
+@graded(1, "attn_softmax")
+def test_attention_rows_sum_to_one():
+    attn = attention()
+    probs = attn.attention_probs(torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8))
+    assert_close(probs.sum(-1), torch.ones(2, 4, 9), "sum of each row of attention probabilities", "attn_softmax")
+    if (probs < 0).any():
+        fail("attention probabilities must not be negative", "attn_softmax")
+
+
+@graded(2, "attn_mask")
+def test_attention_mask_hides_future():
+    attn = attention()
+    probs = attn.attention_probs(torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8))
+    future = torch.ones(9, 9).triu(1).bool()
+    leak = probs[..., future].abs().max().item()
+    if leak != 0:
+        fail(f"query i must give zero weight to keys j > i, found weight {leak:.3g}", "attn_mask")
+    # a KV cache passes fewer queries than keys: the queries are the last positions
+    probs = attn.attention_probs(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 9, 8))
+    expected = torch.ones(9, 9).tril().bool()[6:]
+    if not torch.equal(probs[0, 0] > 0, expected):
+        fail("with 3 queries and 9 keys, query i is position 6 + i and sees keys 0..6+i "
+             "(use self.mask[Tk - Tq:Tk, :Tk])", "attn_mask")
+
+
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rotary", "absolute"])
+@pytest.mark.parametrize("flash", [False, True], ids=["manual", "flash"])
+@graded(1, "attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_values", "attn_flash", "attn_out")
+def test_attention_is_causal(flash, abs_emb):
+    attn = attention(use_flash_attn=flash, abs_emb=abs_emb)
+    x = torch.randn(2, 10, 32)
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn(2, 4, 32)  # change the future of position 5
+    todo = "attn_flash" if flash else "attn_mask"
+    assert_close(attn(x2)[:, :6], attn(x)[:, :6], "attention outputs at positions 0..5 after changing positions 6..9",
+                 todo)
+
+
+@graded(2, "attn_flash", "attn_values", "attn_out")
+def test_attention_manual_equals_flash():
+    manual = attention(use_flash_attn=False)
+    flash = attention(use_flash_attn=True)
+    flash.load_state_dict(manual.state_dict())
+    x = torch.randn(2, 10, 32)
+    assert_close(flash(x), manual(x), "flash attention output vs manual attention output", "attn_flash")
+
+
+@graded(2, "attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_values", "attn_out")
+def test_attention_reference(ref):
+    attn = ref_model(ref).transformer.h[0].attn
+    attn.use_flash_attn = False
+    x = ref["x"]
+    assert_close(attn.attention_probs(ref["q"], ref["q"].flip(2)), ref["attn_probs"],
+                 "attention probabilities vs the reference", "attn_scores")
+    assert_close(attn(x), ref["attn_out"], "manual attention output vs the reference", "attn_out")
+    attn.use_flash_attn = True
+    assert_close(attn(x), ref["attn_out"], "flash attention output vs the reference", "attn_flash")
+
+
+# ----------------------------------------------------------------------------- MLP and block
+
+@graded(2, "mlp")
+def test_mlp(ref):
+    gpt = load("gpt")
+    mlp = gpt.MLP(tiny_config()).eval()
+    x = torch.randn(2, 5, 32)
+    hidden = mlp.c_fc(x)
+    if hidden.shape[-1] != 4 * 32:
+        fail(f"the hidden layer should be 4 * n_embd = 128 wide, got {hidden.shape[-1]}", "mlp")
+    expected = mlp.c_proj(F.gelu(hidden, approximate="tanh"))
+    assert_close(mlp(x), expected, "MLP: c_proj(gelu_tanh(c_fc(x)))", "mlp")
+    assert_close(ref_model(ref).transformer.h[0].mlp(ref["x"]), ref["mlp_out"], "MLP vs the reference", "mlp")
+
+
+@graded(2, "block")
+def test_block_residual_structure(ref):
+    block = ref_model(ref).transformer.h[0]
+    x = ref["x"]
+    h = x + block.attn(block.ln_1(x))
+    assert_close(block(x), h + block.mlp(block.ln_2(h)),
+                 "Block: x + attn(ln_1(x)), then + mlp(ln_2(.)) (pre-norm residuals)", "block")
+    assert_close(block(x), ref["block_out"], "Block vs the reference", "block")
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rotary", "absolute"])
+@graded(3, "gpt_embed", "gpt_logits")
+def test_gpt_logits_reference(ref, abs_emb):
+    model = ref_model(ref, abs_emb=abs_emb)
+    logits, loss = model(ref["idx"])
+    if loss is not None:
+        fail("forward(idx) without targets must return loss None", "gpt_loss")
+    expected = ref["abs_logits" if abs_emb else "logits"]
+    assert_close(logits, expected, f"GPT logits ({'learned' if abs_emb else 'rotary'} positions) vs the reference",
+                 "gpt_embed" if abs_emb else "gpt_logits")
+
+
+@graded(2, "gpt_loss")
+def test_gpt_loss_is_cross_entropy(ref):
+    model = ref_model(ref)
+    logits, loss = model(ref["idx"], ref["targets"])  # targets hold -1 (ignored) at 3 positions
+    expected = F.cross_entropy(logits.view(-1, logits.size(-1)), ref["targets"].view(-1), ignore_index=-1)
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        fail(f"loss should be a scalar tensor, got {loss!r}", "gpt_loss")
+    assert_close(loss, expected, "loss vs F.cross_entropy with ignore_index=-1", "gpt_loss")
+    assert_close(loss, ref["loss"], "loss vs the reference", "gpt_loss")
+
+
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rotary", "absolute"])
+@pytest.mark.parametrize("flash", [False, True], ids=["manual", "flash"])
+@graded(1, "gpt_embed", "gpt_logits")
+def test_gpt_is_causal(flash, abs_emb):
+    gpt = load("gpt")
+    torch.manual_seed(0)
+    model = gpt.GPT(tiny_config(use_flash_attn=flash, abs_emb=abs_emb)).eval()
+    idx = torch.randint(0, 13, (2, 12))
+    idx2 = idx.clone()
+    idx2[:, 8:] = (idx2[:, 8:] + 1) % 13  # change the tokens after position 7
+    assert_close(model(idx2)[0][:, :8], model(idx)[0][:, :8],
+                 "logits at positions 0..7 after changing tokens 8..11", "gpt_logits")
+
+
+@graded(0)
+def test_gpt2_small_parameter_count():
+    gpt = load("gpt")
+    config = gpt.GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, abs_emb=True)
+    with torch.device("meta"):  # shapes only, no memory or init time
+        model = gpt.GPT(config)
+    assert model.num_params() == 124_439_808, \
+        f"GPT-2 small with tied weights has 124,439,808 parameters, got {model.num_params():,}"
+
+
+# ----------------------------------------------------------------------------- generation
+
+def tiny_model(seed=0, **overrides):
+    gpt = load("gpt")
+    torch.manual_seed(seed)
+    return gpt.GPT(tiny_config(block_size=8, **overrides)).eval()
+
+
+@graded(2, "sample_greedy")
+def test_generate_greedy_equals_argmax():
+    model = tiny_model()
+    idx = torch.randint(0, 13, (2, 3))
+    out = model.generate(idx, max_new_tokens=10, temperature=0)  # 13 tokens: the context gets cropped to 8
+    expected = idx
+    for _ in range(10):
+        logits, _ = model(expected[:, -8:])
+        expected = torch.cat((expected, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    if not torch.equal(out, expected):
+        fail(f"temperature 0 must decode greedily (argmax): expected {expected.tolist()}, got {out.tolist()}",
+             "sample_greedy")
+
+
+def sample(logits, n=2000, seed=0, **kwargs):
+    """n draws of sample_next from the same logits row -> the sampled ids (n,)."""
+    gpt = load("gpt")
+    g = torch.Generator().manual_seed(seed)
+    return gpt.sample_next(logits.expand(n, -1), generator=g, **kwargs).view(-1)
+
+
+@graded(2, "sample_top_k", "sample_draw")
+def test_top_k_never_samples_outside_top_k():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 0.5, 2.5, 2.0, -1.0]])
+    ids = set(sample(logits, top_k=3).tolist())
+    if not ids <= {1, 3, 5}:
+        fail(f"with top_k=3 only ids {{1, 3, 5}} may be sampled, got {sorted(ids)}", "sample_top_k")
+    ids = set(sample(logits, top_k=4).tolist())  # the 4th largest value 2.0 is tied: ids 2 and 6 both stay
+    if not ids <= {1, 2, 3, 5, 6} or not {2, 6} <= ids:
+        fail(f"with top_k=4 the tie at the 4th value keeps ids 2 and 6: expected ids in {{1, 2, 3, 5, 6}}, "
+             f"got {sorted(ids)}", "sample_top_k")
+
+
+@graded(2, "sample_top_p", "sample_draw")
+def test_top_p_samples_only_the_nucleus():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    logits = probs.log()
+    # sorted: 0.4 (id 1), 0.3 (id 3), 0.15 (id 4), ... : 0.4 + 0.3 = 0.7 < 0.75, so id 4 crosses and stays
+    ids = set(sample(logits, top_p=0.75).tolist())
+    if ids != {1, 3, 4}:
+        fail(f"with top_p=0.75 the nucleus is ids {{1, 3, 4}} (the token that crosses p stays), got {sorted(ids)}",
+             "sample_top_p")
+    ids = set(sample(logits, top_p=0.1).tolist())
+    if ids != {1}:
+        fail(f"with top_p=0.1 only the most likely id 1 stays (at least one token), got {sorted(ids)}", "sample_top_p")
+    ids = set(sample(logits, top_k=4, top_p=0.5).tolist())
+    if ids != {1, 3}:
+        fail(f"top_k=4 with top_p=0.5 should keep ids {{1, 3}}, got {sorted(ids)}", "sample_top_p")
+
+
+@graded(2, "sample_temperature", "sample_draw")
+def test_sampling_follows_probabilities_and_seed():
+    probs = torch.tensor([[0.1, 0.6, 0.3]])
+    ids = sample(probs.log(), n=20000, seed=1)
+    freq = torch.bincount(ids, minlength=3).float() / len(ids)
+    assert_close(freq, probs[0], "frequencies of 20000 samples vs the probabilities", "sample_draw", atol=0.02)
+    doubled = sample((probs.log() * 2), n=20000, seed=1, temperature=2.0)
+    if not torch.equal(doubled, ids):
+        fail("logits * 2 at temperature 2 must sample exactly like logits at temperature 1 "
+             "(divide the logits by the temperature)", "sample_temperature")
+    model = tiny_model()
+    idx = torch.zeros(3, 1, dtype=torch.long)
+    runs = [model.generate(idx, 12, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    if not torch.equal(runs[0], runs[1]):
+        fail("the same seeded torch.Generator must give the same samples", "sample_draw")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__] + sys.argv[1:]))
