@@ -108,11 +108,24 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_size, max_len, base=10000.0):
         super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hs/2)
-        # computed once, in fp32; not saved in checkpoints (they are a function of the config)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.head_size, self.max_len, self.base = head_size, max_len, base
+        # computed once; buffers follow the model's device but are not saved (a function of the config)
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self._build_tables(torch.device("cpu"))
+
+    def _build_tables(self, device):
+        inv_freq = self.base ** (-torch.arange(0, self.head_size, 2, dtype=torch.float32, device=device)
+                                 / self.head_size)  # (hs/2,)
+        angles = torch.outer(torch.arange(self.max_len, dtype=torch.float32, device=device), inv_freq)  # (max_len, hs/2)
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(device, dtype) moves the tables, but casting them to bf16/fp16 would round the
+        # angles of far positions: rebuild them in fp32 wherever they now live
+        super()._apply(fn, recurse)
+        self._build_tables(self.cos.device)
+        return self
 
     def forward(self, x, offset=0):
         """x: (B, nh, T, hs) for positions offset .. offset+T-1 -> rotated x, same shape and dtype."""
@@ -127,6 +140,23 @@ class RotaryEmbedding(nn.Module):
         rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return rotated.type_as(x)
         # END SOLUTION
+
+
+class KVCache:
+    """Keys and values of the positions one attention layer has seen, preallocated: (B, nh, max_len, hs) each.
+    Generation then computes q, k, v for the new token only and attends to the cached ones."""
+
+    def __init__(self, batch_size, n_head, max_len, head_size, device, dtype):
+        self.k = torch.empty(batch_size, n_head, max_len, head_size, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0  # positions filled so far
+
+    def update(self, k, v):
+        """Append k, v (B, nh, T, hs) -> the keys and values of every position so far (B, nh, length, hs)."""
+        start, self.length = self.length, self.length + k.size(2)
+        self.k[:, :, start:self.length] = k
+        self.v[:, :, start:self.length] = v
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -147,6 +177,7 @@ class CausalSelfAttention(nn.Module):
         # mask[i, j] is True where query i may attend to key j (j <= i)
         mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
         self.register_buffer("mask", mask, persistent=False)
+        self.kv_cache = None  # a KVCache while GPT.generate runs with one
 
     def qkv(self, x):
         """x: (B, T, C) -> q, k, v, each (B, nh, T, hs) with hs = C // nh."""
@@ -180,12 +211,20 @@ class CausalSelfAttention(nn.Module):
         # END SOLUTION
 
     def forward(self, x):
-        """x: (B, T, C) -> (B, T, C)."""
+        """x: (B, T, C) -> (B, T, C). With a KV cache, x holds the T newest positions only."""
         B, T, C = x.size()
         q, k, v = self.qkv(x)  # (B, nh, T, hs) each
+        offset = 0 if self.kv_cache is None else self.kv_cache.length  # position of x's first token
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        if self.use_flash_attn:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(k, v)  # (B, nh, offset + T, hs)
+        if self.use_flash_attn and offset > 0:
+            # cached decoding: the T queries are the last positions, so the causal mask is offset
+            # (is_causal would align it to the first key); a single query may see every key
+            mask = None if T == 1 else self.mask[offset:offset + T, :offset + T]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.use_flash_attn:
             # BEGIN SOLUTION attn_flash
             # TODO: the same attention in one fused kernel: F.scaled_dot_product_attention(q, k, v) with
             # TODO: is_causal=True and dropout_p=self.dropout while training (0.0 in eval). -> (B, nh, T, hs)
@@ -285,15 +324,19 @@ class GPT(nn.Module):
         """idx: (B, T) token ids, T <= block_size; targets: (B, T) or None (-1 = ignore).
         Returns logits (B, T, vocab_size) and the mean cross-entropy loss (None without targets)."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        cache = self.transformer.h[0].attn.kv_cache
+        offset = 0 if cache is None else cache.length  # position of idx's first token
+        if offset + T > self.config.block_size:
+            raise ValueError(f"sequence length {offset + T} exceeds block_size {self.config.block_size}")
         # BEGIN SOLUTION gpt_embed
         # TODO: token embeddings self.transformer.wte(idx) (B, T, C); with learned positions
-        # TODO: (self.transformer.wpe is not None) add wpe(pos) for pos = torch.arange(T, device=idx.device),
-        # TODO: shape (T, C), broadcast over the batch; then apply self.transformer.drop. -> x (B, T, C)
+        # TODO: (self.transformer.wpe is not None) add wpe(pos) for the positions
+        # TODO: pos = torch.arange(offset, offset + T, device=idx.device), shape (T, C) broadcast over the
+        # TODO: batch (offset is 0 except when a KV cache holds earlier tokens); then apply
+        # TODO: self.transformer.drop. -> x (B, T, C)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))  # (T, C) broadcast
+            x = x + self.transformer.wpe(torch.arange(offset, offset + T, device=idx.device))  # (T, C) broadcast
         x = self.transformer.drop(x)
         # END SOLUTION
         # BEGIN SOLUTION gpt_logits
@@ -323,16 +366,45 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 kv_cache=True):
         """Append max_new_tokens sampled tokens to idx (B, T) -> (B, T + max_new_tokens).
         temperature 0 is greedy decoding; top_k / top_p restrict sampling to the most likely tokens;
-        a seeded torch.Generator makes the samples reproducible."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]  # the model sees at most block_size tokens
-            logits, _ = self(context)
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        a seeded torch.Generator makes the samples reproducible. See stream() for the KV cache."""
+        for next_token in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache):
             idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+               kv_cache=True):
+        """Yield the sampled tokens (B, 1) one step at a time. The model sees at most the last block_size
+        tokens. With kv_cache, the prompt is processed once (prefill) and then only the newest token per
+        step. Once the sequence outgrows block_size, every step recomputes the window like the uncached
+        loop: cached keys of deeper layers depend on tokens that have left the window, so sliding the
+        cache would change the result."""
+        block_size = self.config.block_size
+        weight = self.lm_head.weight
+        if kv_cache:
+            hs = self.config.n_embd // self.config.n_head
+            for block in self.transformer.h:
+                block.attn.kv_cache = KVCache(idx.size(0), self.config.n_head, block_size, hs,
+                                              weight.device, weight.dtype)
+        try:
+            new = idx[:, -block_size:]  # what the next forward has to process
+            for _ in range(max_new_tokens):
+                if kv_cache and self.transformer.h[0].attn.kv_cache.length + new.size(1) > block_size:
+                    for block in self.transformer.h:  # window full: start again from the last block_size tokens
+                        block.attn.kv_cache.length = 0
+                    new = idx[:, -block_size:]
+                logits, _ = self(new)
+                next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                idx = torch.cat((idx, next_token), dim=1)
+                new = next_token if kv_cache else idx[:, -block_size:]
+                yield next_token
+        finally:
+            for block in self.transformer.h:
+                block.attn.kv_cache = None
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -1,0 +1,71 @@
+"""
+Sampling speed on CPU: tokens/s for 255 new tokens from a 1-token prompt, batch 1, on nanoGPT's baby GPT
+shape (6 layers, 6 heads, 384 wide, block 256, vocab 65), for this project with and without its KV cache
+and for Hugging Face `generate` on a GPT2LMHeadModel of the same shape, in fp32 and bf16 (weights cast).
+
+    python benchmarks/generate_speed.py [--repeats 3] [--threads N]
+
+Greedy decoding, so every run produces exactly 255 tokens; the best of --repeats runs is reported.
+Our model uses learned absolute positions here, the same architecture as GPT-2.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gpt import GPT, GPTConfig  # noqa: E402
+
+SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
+NEW_TOKENS = 255
+
+
+def best_tokens_per_sec(generate, repeats):
+    generate()  # warm-up: allocator, kernels
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate()
+        best = min(best, time.perf_counter() - t0)
+    return NEW_TOKENS / best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the best is kept")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**SHAPE, abs_emb=True, dropout=0.0)).eval()
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=6, n_head=6, n_embd=384, n_positions=256, vocab_size=65,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {NEW_TOKENS} new tokens, batch 1")
+    print(f"{'precision':<10}{'ours+cache':>12}{'ours':>10}{'HF':>10}{'cache/HF':>10}{'cache/ours':>12}")
+    for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
+        ours.to(dtype)
+        hf.to(dtype)
+        cached = best_tokens_per_sec(lambda: ours.generate(prompt, NEW_TOKENS, temperature=0), args.repeats)
+        uncached = best_tokens_per_sec(lambda: ours.generate(prompt, NEW_TOKENS, temperature=0, kv_cache=False),
+                                       args.repeats)
+        with torch.no_grad():
+            reference = best_tokens_per_sec(lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS,
+                                                                min_new_tokens=NEW_TOKENS, do_sample=False,
+                                                                pad_token_id=0), args.repeats)
+        name = str(dtype).replace("torch.", "")
+        print(f"{name:<10}{cached:>12.0f}{uncached:>10.0f}{reference:>10.0f}{cached / reference:>10.2f}"
+              f"{cached / uncached:>12.2f}")
+    if not bf16:
+        print("bf16: not supported by this CPU")
+
+
+if __name__ == "__main__":
+    main()
