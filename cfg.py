@@ -1,8 +1,269 @@
+"""
+The configuration of train.py: one typed dataclass, TrainConfig, and the one ArgumentParser that fills it.
+Every field is a command-line flag of the same name (`--n_layer 4 --learning_rate 3e-3`); booleans
+come as `--bias / --no-bias`. The defaults are the GPU configuration: nanoGPT's "baby GPT" on tiny
+shakespeare (6 layers, 6 heads, 384 wide, block 256, batch 64, 5000 steps).
+"""
+
+import argparse
+import os
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+import torch
+
+from gpt import GPTConfig
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after saving last.pt; requeue / run again to resume
+
+MODEL_PRESETS = {  # --model_type -> shape; --n_layer / --n_head / --n_embd override single fields
+    "gpt-nano": dict(n_layer=3, n_head=3, n_embd=48),
+    "gpt-micro": dict(n_layer=4, n_head=4, n_embd=128),
+    "gpt-mini": dict(n_layer=6, n_head=6, n_embd=192),
+    "baby": dict(n_layer=6, n_head=6, n_embd=384),  # nanoGPT's shakespeare_char model, 10.7M parameters
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # GPT-2 small's shape
+}
+
+# a quick CPU run (benchmarks/cpu_quality.sh): val loss <= 1.70 on tiny shakespeare in ~100 s on 2 cores
+CPU_QUICK_RUN = ("--model_type gpt-micro --n_layer 3 --n_embd 192 --block_size 96 --batch_size 16 "
+                 "--learning_rate 3e-3 --min_lr 3e-4 --max_steps 1600 --dropout 0 --precision bf16")
+
+
+def arg(default, help, group, **argparse_kwargs):
+    """A config field, with the help text and argument group of its command-line flag."""
+    return field(default=default, metadata=dict(help=help, group=group, kwargs=argparse_kwargs))
+
+
+@dataclass
+class TrainConfig:
+    # data
+    txt_file: Optional[str] = arg(None, "training text, any UTF-8 file (default: tiny shakespeare, "
+                                  "downloaded into data/ on first use)", "data")
+    val_fraction: float = arg(0.1, "the last fraction of the text held out for validation", "data")
+    block_size: int = arg(256, "context length in characters", "data")
+    # model
+    model_type: str = arg("baby", "shape preset (layers/heads/width): " + ", ".join(
+        f"{k} {v['n_layer']}/{v['n_head']}/{v['n_embd']}" for k, v in MODEL_PRESETS.items()),
+        "model", choices=list(MODEL_PRESETS))
+    n_layer: Optional[int] = arg(None, "number of transformer blocks (default: from --model_type)", "model")
+    n_head: Optional[int] = arg(None, "attention heads per block (default: from --model_type)", "model")
+    n_embd: Optional[int] = arg(None, "embedding width, divisible by n_head (default: from --model_type)", "model")
+    dropout: float = arg(0.2, "dropout probability (0 for short runs, ~0.2 against overfitting)", "model")
+    bias: bool = arg(True, "biases in Linear layers and norms, as in GPT-2", "model")
+    abs_emb: bool = arg(False, "learned absolute position embeddings (GPT-2) instead of rotary (RoPE)", "model")
+    use_flash_attn: bool = arg(True, "fused F.scaled_dot_product_attention instead of the manual path", "model")
+    norm: str = arg("layernorm", "normalisation layer", "model", choices=["layernorm", "rmsnorm"])
+    # optimisation
+    batch_size: int = arg(64, "sequences per micro-batch per process; one step sees batch_size x "
+                          "grad_accum x processes sequences (the global batch)", "optimisation")
+    grad_accum: int = arg(1, "micro-batches accumulated per optimizer step", "optimisation")
+    learning_rate: float = arg(1e-3, "peak learning rate (AdamW)", "optimisation")
+    min_lr: float = arg(1e-4, "learning rate at the end of the cosine decay", "optimisation")
+    warmup_steps: int = arg(100, "steps of linear warmup from learning_rate/warmup_steps to learning_rate",
+                            "optimisation")
+    max_steps: int = arg(5000, "optimizer steps in total (the cosine decay ends here)", "optimisation")
+    epochs: Optional[int] = arg(None, "train for this many passes over the training windows instead "
+                                "(sets max_steps)", "optimisation")
+    weight_decay: float = arg(0.1, "AdamW weight decay on matrices (not on biases and norms)", "optimisation")
+    beta1: float = arg(0.9, "AdamW beta1", "optimisation")
+    beta2: float = arg(0.99, "AdamW beta2 (0.99 suits small batches of characters)", "optimisation")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)", "optimisation")
+    # evaluation and sampling
+    eval_interval: int = arg(250, "evaluate on the validation split every this many steps (and at the end)",
+                             "evaluation")
+    eval_iters: int = arg(50, "validation batches per evaluation (a fixed set of windows)", "evaluation")
+    log_interval: int = arg(10, "log training loss, tokens/s, lr and grad norm every this many steps", "evaluation")
+    sample_interval: Optional[int] = arg(None, "print a text sample every this many steps "
+                                         "(default: at every evaluation)", "evaluation")
+    sample_prompt: str = arg("\n", "the fixed prompt of the samples", "evaluation")
+    sample_length: int = arg(200, "characters per sample (0: no samples)", "evaluation")
+    sample_temperature: float = arg(0.8, "sampling temperature (0: greedy)", "evaluation")
+    # checkpoints
+    out_dir: Optional[str] = arg(None, "run folder: last.pt, best.pt, config.json, tokenizer.json, train.log, "
+                                 "TensorBoard events (default: runs/<text file name>-<model_type>)", "checkpoints")
+    checkpoint_interval: int = arg(250, "write last.pt every this many steps (and at exit)", "checkpoints")
+    resume: Optional[bool] = arg(None, "continue the run in out_dir from last.pt (default: yes if it exists; "
+                                 "--no-resume starts afresh and overwrites it)", "checkpoints")
+    # system
+    device: str = arg("auto", "auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu", "system")
+    precision: str = arg("auto", "autocast precision; auto: bf16 on GPUs that have it, else fp16 on GPUs, "
+                         "fp32 on CPU/MPS", "system", choices=["auto", "fp32", "bf16", "fp16"])
+    compile: bool = arg(False, "torch.compile the model (faster steps on GPU after a slow first one)", "system")
+    seed: int = arg(1337, "seed of the initialisation, data order, dropout and samples", "system")
+    num_workers: int = arg(0, "DataLoader worker processes (0: load in the main process)", "system")
+
+    def model_config(self, vocab_size):
+        """The GPTConfig this training configuration asks for."""
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
+                         abs_emb=self.abs_emb, use_flash_attn=self.use_flash_attn, norm=self.norm)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's multi-line usage dump
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+TRAIN_EPILOG = (f"quick CPU run (val loss <= 1.70 on tiny shakespeare in ~100 s on 2 cores):\n"
+                f"  python train.py {CPU_QUICK_RUN}\n"
+                f"exit codes: 0 done; 1 failed (e.g. loss became NaN); 2 bad option or data; "
+                f"{EXIT_INTERRUPTED} interrupted by SIGUSR1/SIGTERM after writing last.pt: run the "
+                f"same command again (requeue) to resume")
+
+
+def build_parser(config_class=TrainConfig, description="Train a character-level GPT.", epilog=TRAIN_EPILOG):
+    """The ArgumentParser of a config dataclass: one --flag per field, grouped, with its help text."""
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
+    groups = {}
+    for f in fields(config_class):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        typ = [t for t in typing.get_args(f.type) if t is not type(None)][0] if typing.get_args(f.type) else f.type
+        kwargs = dict(default=f.default, help=meta["help"] + (" (default: %(default)r)" if f.default is not None else ""))
+        if typ is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = typ
+            kwargs["metavar"] = typ.__name__.upper()
+        kwargs.update(meta["kwargs"])
+        if "choices" in kwargs:
+            kwargs.pop("metavar", None)
+        group.add_argument("--" + f.name, *kwargs.pop("aliases", []), **kwargs)
+    return parser
+
+
+def parse_config(argv=None):
+    """Command line -> resolved, validated TrainConfig. Raises ValueError with a one-line message."""
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    for name, value in MODEL_PRESETS[cfg.model_type].items():
+        if getattr(cfg, name) is None:  # explicit flags win over the preset
+            setattr(cfg, name, value)
+    cfg.device = resolve_device(cfg.device)
+    cfg.precision = resolve_precision(cfg.precision, cfg.device)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    def check(ok, message):
+        if not ok:  # written so that NaN fails every check
+            raise ValueError(message)
+
+    for name in ("block_size", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters",
+                 "log_interval", "checkpoint_interval", "sample_interval", "epochs"):
+        value = getattr(cfg, name)
+        check(value is None or value > 0, f"--{name} must be a positive integer, got {value}")
+    for name in ("warmup_steps", "sample_length", "num_workers", "seed"):
+        check(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    check(0 < cfg.val_fraction < 1, f"--val_fraction must be between 0 and 1 (e.g. 0.1), got {cfg.val_fraction}")
+    check(cfg.learning_rate > 0, f"--learning_rate must be positive, got {cfg.learning_rate}")
+    check(0 <= cfg.min_lr <= cfg.learning_rate,
+          f"--min_lr must be between 0 and --learning_rate ({cfg.learning_rate}), got {cfg.min_lr}")
+    check(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    for name in ("beta1", "beta2"):
+        check(0 <= getattr(cfg, name) < 1, f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    check(cfg.grad_clip >= 0, f"--grad_clip must be >= 0 (0 turns clipping off), got {cfg.grad_clip}")
+    check(cfg.sample_temperature >= 0, f"--sample_temperature must be >= 0, got {cfg.sample_temperature}")
+    check(cfg.out_dir is None or not os.path.isfile(cfg.out_dir), f"--out_dir {cfg.out_dir} is a file; pass a folder")
+    try:
+        cfg.model_config(vocab_size=1)  # shape checks (positive sizes, n_embd divisible by n_head, ...)
+    except ValueError as e:
+        raise ValueError(f"invalid model: {e}") from None
+
+
+def resolve_device(device):
+    """'auto' -> the best device here; an explicit one must exist."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto)")
+        if index and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} GPUs (cuda:0 ...)")
+    elif kind == "mps" and not index:
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps: Apple's Metal backend is not available here; use --device cpu (or auto)")
+    elif device != "cpu":
+        raise ValueError(f"--device must be auto, cuda, cuda:N, mps or cpu, got {device!r}")
+    return device
+
+
 def cpu_has_bf16():
-    """True when the CPU computes in bf16 natively (x86 avx512_bf16 / amx_bf16, ARM bf16)."""
+    """True when the CPU computes in bf16 natively (x86 avx512_bf16 / amx_bf16, ARM bf16). Without it,
+    bf16 autocast on CPU runs in slow emulation, so we refuse it."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision, device):
+    """'auto' -> bf16 on GPUs with bf16, fp16 on older GPUs, fp32 elsewhere; bf16 must be supported."""
+    kind = device.split(":")[0]
+    if precision == "auto":
+        if kind == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--precision bf16: this GPU has no bf16 (needs compute capability >= 8.0); "
+                         "use --precision fp16 or fp32")
+    if precision == "bf16" and kind == "cpu" and not cpu_has_bf16():
+        raise ValueError("--precision bf16: this CPU has no native bf16 (avx512_bf16, amx_bf16 or ARM bf16); "
+                         "use --precision fp32")
+    return precision
+
+
+@dataclass
+class SampleConfig:
+    # source
+    checkpoint: Optional[str] = arg(None, "a run folder of train.py (its best.pt, else last.pt) or a .pt file",
+                                    "source")
+    pretrained: Optional[str] = arg(None, "OpenAI's GPT-2 instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                                    "(downloaded once) or a local folder in Hugging Face layout", "source")
+    # what to generate
+    prompt: Optional[str] = arg(None, "text to continue, or FILE:path to read it from a file (default: a newline; "
+                                "<|endoftext|> for GPT-2)", "sampling", aliases=["--start"])
+    num_samples: int = arg(1, "samples to draw (generated together as one batch)", "sampling")
+    max_new_tokens: int = arg(500, "tokens to add to the prompt (characters for a character model)", "sampling")
+    temperature: float = arg(0.8, "divide the logits by this: < 1 safer, > 1 wilder, 0 greedy", "sampling")
+    top_k: Optional[int] = arg(None, "sample only among the k most likely tokens", "sampling")
+    top_p: Optional[float] = arg(None, "sample only from the smallest set of tokens whose probability "
+                                 "reaches p (nucleus sampling), 0 < p <= 1", "sampling")
+    stop_at_eot: bool = arg(True, "end a GPT-2 sample at <|endoftext|>", "sampling")
+    seed: int = arg(1337, "seed of the sampling: the same seed gives the same samples", "sampling")
+    # output and system
+    stream: bool = arg(False, "print tokens as they come (samples are then made one after another)", "output")
+    output: Optional[str] = arg(None, "also write the samples to this file", "output")
+    device: str = arg("auto", "auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu", "system")
+    precision: str = arg("auto", "weights' precision; auto: bf16 on GPUs that have it, else fp16 on GPUs, "
+                         "fp32 on CPU/MPS", "system", choices=["auto", "fp32", "bf16", "fp16"])
+    kv_cache: bool = arg(True, "cache keys and values instead of recomputing the context every token "
+                         "(same tokens, many times faster)", "system")
+
+
+def parse_sample_config(argv=None):
+    """generate.py's command line -> validated SampleConfig. Raises ValueError with a one-line message."""
+    cfg = SampleConfig(**vars(build_parser(SampleConfig, "Sample from a trained Micro-GPT or from GPT-2.").parse_args(argv)))
+    if (cfg.checkpoint is None) == (cfg.pretrained is None):
+        raise ValueError("pass either --checkpoint RUN_FOLDER_OR_FILE or --pretrained gpt2 (exactly one)")
+    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise ValueError(f"--top_k must be a positive integer, got {cfg.top_k}")
+    if not cfg.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {cfg.temperature}")
+    for name in ("num_samples", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.output and os.path.isdir(cfg.output):
+        raise ValueError(f"--output {cfg.output} is a folder; pass a file name")
+    cfg.device = resolve_device(cfg.device)
+    cfg.precision = resolve_precision(cfg.precision, cfg.device)
+    return cfg

