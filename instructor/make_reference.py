@@ -1,7 +1,7 @@
 """
 Regenerate unittests_ref.pt, the reference values of the graded tests, from this solution:
 
-    python -m instructor.make_reference
+    python -m instructor reference        (or: python -m instructor.make_reference)
 
 The file holds tensors and plain values only (loadable with torch.load(weights_only=True)): a small
 seeded model's weights, the inputs, and what each block of the solution outputs for them.
@@ -13,9 +13,6 @@ import io
 import os
 
 import torch
-
-import gpt
-from dataset import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_PATH = os.path.join(ROOT, "unittests_ref.pt")
@@ -33,6 +30,8 @@ def source_hash():
 
 @torch.no_grad()
 def make_reference():
+    import gpt  # here, so that `python -m instructor check` can report on a gpt.py that does not import
+
     torch.manual_seed(1234)
     model = gpt.GPT(gpt.GPTConfig(**CONFIG)).eval()
     for module in model.modules():  # non-trivial norm parameters, so that using them wrongly shows
@@ -73,8 +72,14 @@ def make_reference():
     }
 
 
-if __name__ == "__main__":
+def main():
+    from dataset import atomic_write
+
     buffer = io.BytesIO()
     torch.save(make_reference(), buffer)
     atomic_write(REF_PATH, buffer.getvalue())
     print(f"wrote {REF_PATH} ({len(buffer.getvalue()) / 1024:.0f} KB)")
+
+
+if __name__ == "__main__":
+    main()

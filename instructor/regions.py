@@ -12,6 +12,7 @@ Ids are unique across the project ([a-z0-9_]+). Nested, unterminated or duplicat
 that name the file and line.
 """
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -88,11 +89,12 @@ def parse(text, path="<text>"):
     return regions
 
 
-def parse_files(paths):
-    """Regions of several files; ids must be unique across all of them."""
+def parse_files(paths, root="."):
+    """Regions of several files (paths relative to root, as the errors name them); ids must be unique
+    across all of them."""
     seen, regions = {}, []
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        with open(os.path.join(root, path), encoding="utf-8") as f:
             for region in parse(f.read(), path):
                 if region.id in seen:
                     other = seen[region.id]

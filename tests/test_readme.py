@@ -16,7 +16,7 @@ def readme_commands():
 def test_readme_gives_train_and_test_commands():
     train, test = readme_commands()
     assert train.endswith("python train.py") and "pip install -r requirements.txt" in train
-    assert "pytest" in test and "pip install -r requirements.txt" in test
+    assert "pytest" in test and "pip install -r requirements-dev.txt" in test
 
 
 def test_ci_runs_the_readme_test_command_verbatim():

@@ -1,0 +1,213 @@
+"""
+The student release and the autograder bundle, built from this repository:
+
+    dist/student/         the repository students receive: every solution region replaced by its stub
+    dist/autograder/      Gradescope's bundle: setup.sh, run_autograder, the grader, pristine/ (test files,
+                          reference values, hidden tests and the released modules)
+    dist/autograder.zip   the same bundle, zipped for upload
+
+Output is deterministic: sorted files, fixed modes, zip entries dated 1980-01-01. `python -m instructor
+release` writes it only after `check` passes.
+"""
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import zipfile
+
+from instructor import regions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDENT_MODULES = ("gpt.py", "dataset.py", "cfg.py", "train.py", "generate.py")  # released when present
+GRADED_FILES = ("unittests.py", "unittests_ref.pt", "conftest.py")  # released and graded as they are
+OTHER_FILES = ("requirements.txt", ".gitignore")
+FOLDERS = ("slurm", "data")  # what git tracks, or would, in them
+HIDDEN_TESTS = "instructor/hidden_tests.py"  # graded, never released
+GRADER_CODE = ("instructor/__init__.py", "instructor/grade.py", "instructor/worker.py")
+OUTPUTS = ("student", "autograder", "autograder.zip")
+TORCH_PIN = "torch==2.13.0"
+
+INSTRUCTOR_ONLY = "<!-- instructor-only -->"
+INSTRUCTOR_ONLY_END = "<!-- /instructor-only -->"
+
+SETUP_SH = f"""#!/usr/bin/env bash
+# Gradescope runs this once, when it builds the autograder image: the Python dependencies.
+# PyPI's Linux torch is the CUDA build; for the smaller CPU build add
+#   --index-url https://download.pytorch.org/whl/cpu   to the first install.
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m pip install --no-cache-dir {TORCH_PIN}
+python3 -m pip install --no-cache-dir -r requirements.txt
+"""
+
+RUN_AUTOGRADER = """#!/usr/bin/env bash
+# Gradescope runs this for every submission: the pristine graded tests on the files of
+# /autograder/submission, points and messages into /autograder/results/results.json.
+# To try it elsewhere: AUTOGRADER_DIR (default /autograder, holding source/ and submission/),
+# PYTHON (default python3) and GRADER_ARGS (e.g. "--timeout 60 --total-timeout 1800").
+set -euo pipefail
+root="${AUTOGRADER_DIR:-/autograder}"
+cd "$root/source"
+exec "${PYTHON:-python3}" -m instructor.grade "$root/submission" --pristine pristine \\
+    --out "$root/results/results.json" ${GRADER_ARGS:-}
+"""
+
+
+class ReleaseError(Exception):
+    """A problem in the sources that stops the release, said in one line with file:line."""
+
+
+def read(path):
+    with open(os.path.join(ROOT, path), "rb") as f:
+        return f.read()
+
+
+def mode(path):
+    return 0o755 if os.stat(os.path.join(ROOT, path)).st_mode & 0o100 else 0o644
+
+
+def student_readme(text, path="README.md"):
+    """README without the blocks between <!-- instructor-only --> and <!-- /instructor-only --> lines."""
+    out, start = [], None
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        marker = line.strip()
+        if marker == INSTRUCTOR_ONLY:
+            if start is not None:
+                raise ReleaseError(f"{path}:{number}: {INSTRUCTOR_ONLY} inside the block opened at line {start}")
+            start = number
+        elif marker == INSTRUCTOR_ONLY_END:
+            if start is None:
+                raise ReleaseError(f"{path}:{number}: {INSTRUCTOR_ONLY_END} without an opening {INSTRUCTOR_ONLY}")
+            start = None
+        elif start is None:
+            out.append(line)
+    if start is not None:
+        raise ReleaseError(f"{path}:{start}: {INSTRUCTOR_ONLY} is never closed with {INSTRUCTOR_ONLY_END}")
+    return "".join(out)
+
+
+def student_pytest_ini(text):
+    """pytest.ini with `testpaths = unittests.py` (the repository's also runs tests/)."""
+    out, in_testpaths = [], False
+    for line in text.splitlines():
+        if in_testpaths and line[:1] in (" ", "\t"):
+            continue  # continuation lines of the old value
+        in_testpaths = re.match(r"testpaths\s*=", line) is not None
+        out.append("testpaths = unittests.py" if in_testpaths else line)
+    if "testpaths = unittests.py" not in out:
+        out.insert(out.index("[pytest]") + 1, "testpaths = unittests.py")
+    return "\n".join(out) + "\n"
+
+
+def folder_files(folder):
+    """Files under folder that git tracks or would track (untracked but not ignored), sorted."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", folder],
+                                cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ReleaseError(f"the release lists {folder}/ with git, which failed ({e}); run it in a git checkout")
+    return sorted(p for p in listed.decode().split("\0") if p and os.path.isfile(os.path.join(ROOT, p)))
+
+
+def released(path, data):
+    """A file as released: solution regions of .py files replaced by their stubs."""
+    return regions.strip(data.decode("utf-8"), path).encode("utf-8") if path.endswith(".py") else data
+
+
+def released_paths():
+    """The repository's files that go into the student release (as they are, or stripped), sorted."""
+    paths = [p for p in STUDENT_MODULES + GRADED_FILES + OTHER_FILES if os.path.isfile(os.path.join(ROOT, p))]
+    for folder in FOLDERS:
+        paths += folder_files(folder)
+    return sorted(paths)
+
+
+def solution_regions():
+    """Every solution region of the released .py files; checks the markers (ids unique across files)."""
+    try:
+        return regions.parse_files([p for p in released_paths() if p.endswith(".py")], ROOT)
+    except regions.RegionError as e:
+        raise ReleaseError(str(e)) from None
+
+
+def student_files():
+    """The student repository: {path: (bytes, mode)}."""
+    solution_regions()  # marker errors first, with file:line
+    paths = released_paths()
+    files = {p: (released(p, read(p)), mode(p)) for p in paths}
+    files["pytest.ini"] = (student_pytest_ini(read("pytest.ini").decode()).encode(), 0o644)
+    if os.path.isfile(os.path.join(ROOT, "README.md")):
+        files["README.md"] = (student_readme(read("README.md").decode()).encode(), 0o644)
+    return files
+
+
+def pristine_files(student):
+    """The graders' folder of the bundle, from the student files: test files, reference values, hidden
+    tests and the released modules (what a submission that lacks one of them is graded with)."""
+    names = [p for p in student if p in STUDENT_MODULES + GRADED_FILES + ("pytest.ini",)]
+    files = {p: student[p] for p in names}
+    if os.path.isfile(os.path.join(ROOT, HIDDEN_TESTS)):
+        files["hidden_tests.py"] = (read(HIDDEN_TESTS), 0o644)
+    return files
+
+
+def autograder_files(student):
+    """The Gradescope bundle: {path: (bytes, mode)}."""
+    files = {"setup.sh": (SETUP_SH.encode(), 0o755), "run_autograder": (RUN_AUTOGRADER.encode(), 0o755),
+             "requirements.txt": student["requirements.txt"]}
+    files.update({p: (read(p), 0o644) for p in GRADER_CODE})
+    files.update({f"pristine/{p}": v for p, v in pristine_files(student).items()})
+    return files
+
+
+def write_tree(files, dest):
+    for path in sorted(files):
+        data, file_mode = files[path]
+        target = os.path.join(dest, path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(data)
+        os.chmod(target, file_mode)
+
+
+def zip_bytes(files):
+    """A zip of files with fixed dates and modes: the same files give the same bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for path in sorted(files):
+            data, file_mode = files[path]
+            info = zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = (0o100000 | file_mode) << 16
+            info.create_system = 3  # unix, so that the modes apply
+            info.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(info, data, compresslevel=9)
+    return buffer.getvalue()
+
+
+def build(dest):
+    """Write the outputs into dest (a new or empty folder)."""
+    student = student_files()
+    autograder = autograder_files(student)
+    write_tree(student, os.path.join(dest, "student"))
+    write_tree(autograder, os.path.join(dest, "autograder"))
+    with open(os.path.join(dest, "autograder.zip"), "wb") as f:
+        f.write(zip_bytes(autograder))
+    os.chmod(os.path.join(dest, "autograder.zip"), 0o644)
+
+
+def release(out=os.path.join(ROOT, "dist")):
+    """Build into a temporary folder next to the outputs, then swap each output in with a rename."""
+    os.makedirs(out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".build-", dir=out)
+    try:
+        build(tmp)
+        for name in OUTPUTS:
+            target = os.path.join(out, name)
+            if os.path.lexists(target):
+                os.rename(target, os.path.join(tmp, name + ".old"))
+            os.rename(os.path.join(tmp, name), target)
+    finally:
+        shutil.rmtree(tmp)

@@ -1,0 +1,335 @@
+"""
+The instructor tooling (instructor/): region markers, the student release and its determinism, the
+autograder bundle, `check` on this repository, and a zoo of broken submissions graded end to end.
+"""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from instructor import __main__ as cli
+from instructor import check, grade, regions, release
+
+ROOT = release.ROOT
+HANG_TIMEOUT = 15.0  # per-test timeout of the zoo: each hang costs this much, a normal test takes ~1 s
+
+
+def solution(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def with_region(path, rid, *code):
+    """The solution's file with region rid's code replaced by the given lines."""
+    text = solution(path)
+    lines = text.splitlines()
+    region = next(r for r in regions.parse(text, path) if r.id == rid)
+    return "\n".join(lines[:region.start - 1] + [region.indent + c for c in code] + lines[region.end:]) + "\n"
+
+
+# ----------------------------------------------------------------------------- markers
+
+@pytest.mark.parametrize("text, line, message", [
+    ("# BEGIN SOLUTION a\n# BEGIN SOLUTION b\n# END SOLUTION\n", 2, "cannot nest"),
+    ("x = 1\n    # BEGIN SOLUTION a\n    y = 2\n", 2, "never closed"),
+    ("# BEGIN SOLUTION\n# END SOLUTION\n", 1, "needs an id"),
+    ("# BEGIN SOLUTION Bad-Id\n# END SOLUTION\n", 1, "needs an id"),
+    ("x = 1\n# END SOLUTION\n", 2, "without a BEGIN"),
+    ("# BEGIN SOLUTION a  # oops\n# END SOLUTION\n", 1, "malformed marker"),
+])
+def test_marker_errors_name_file_and_line(text, line, message):
+    with pytest.raises(regions.RegionError) as error:
+        regions.parse(text, "gpt.py")
+    assert str(error.value).startswith(f"gpt.py:{line}: ") and message in str(error.value)
+
+
+def test_duplicate_region_ids_across_files(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n# BEGIN SOLUTION same\n# END SOLUTION\n")
+    (tmp_path / "b.py").write_text("# BEGIN SOLUTION same\n# END SOLUTION\n")
+    with pytest.raises(regions.RegionError, match=r"^b\.py:1: duplicate region id 'same' \(also at a\.py:2\)"):
+        regions.parse_files(["a.py", "b.py"], str(tmp_path))
+
+
+def test_strip_keeps_hint_prompt_and_stub():
+    text = ("def f(x):\n"
+            "    # BEGIN SOLUTION double\n"
+            "    # PROMPT: shown to students only\n"
+            "    # TODO: return x times two\n"
+            "    return 2 * x\n"
+            "    # END SOLUTION\n"
+            "\n"
+            "def g(x):\n"
+            "    # BEGIN SOLUTION same\n"
+            "    # STUB: return x  # TODO[same]: write it\n"
+            "    return x + 0\n"
+            "    # END SOLUTION\n")
+    assert regions.strip(text) == (
+        "def f(x):\n"
+        "    # shown to students only\n"
+        "    # TODO: return x times two\n"
+        "    raise NotImplementedError('TODO[double]: return x times two')\n"
+        "\n"
+        "def g(x):\n"
+        "    return x  # TODO[same]: write it\n")
+    assert "return 2 * x" in regions.strip(text, only={"same"})
+
+
+def test_readme_for_students():
+    text = "# Title\n<!-- instructor-only -->\n## For instructors\nsecret\n<!-- /instructor-only -->\nend\n"
+    assert release.student_readme(text) == "# Title\nend\n"
+    assert release.student_readme("no markers\n") == "no markers\n"
+    with pytest.raises(release.ReleaseError, match=r"^README\.md:2: .* never closed"):
+        release.student_readme("a\n<!-- instructor-only -->\nb\n")
+
+
+def test_pytest_ini_for_students():
+    ini = "[pytest]\ntestpaths =\n    unittests.py\n    tests\npythonpath = .\n"
+    assert release.student_pytest_ini(ini) == "[pytest]\ntestpaths = unittests.py\npythonpath = .\n"
+
+
+# ----------------------------------------------------------------------------- release
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    dest = tmp_path_factory.mktemp("dist")
+    release.build(str(dest))
+    return dest
+
+
+def tree(folder):
+    """{relative path: (bytes, mode)} of every file under folder."""
+    out = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = (f.read(), os.stat(path).st_mode & 0o777)
+    return out
+
+
+def test_release_is_deterministic(tmp_path, monkeypatch):
+    monkeypatch.setattr(check, "check", lambda: True)  # tested on its own below
+    for name in ("a", "b"):
+        assert cli.main(["release", "--out", str(tmp_path / name)]) == 0
+    assert cli.main(["release", "--out", str(tmp_path / "a")]) == 0  # over an existing release
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(release.OUTPUTS)  # no leftover temporary folder
+    assert tree(tmp_path / "a") == tree(tmp_path / "b")
+
+
+def test_release_refuses_to_write_when_check_fails(tmp_path, monkeypatch):
+    monkeypatch.setattr(check, "check", lambda: False)
+    assert cli.main(["release", "--out", str(tmp_path / "dist")]) == 1
+    assert not os.path.exists(tmp_path / "dist")
+
+
+def test_release_contents(built):
+    student = tree(built / "student")
+    assert not any(p.split(os.sep)[0] in ("instructor", "tests", "benchmarks", ".ci", "dist", "runs") for p in student)
+    for path in ("gpt.py", "dataset.py", "unittests.py", "unittests_ref.pt", "conftest.py", "pytest.ini"):
+        assert path in student
+    for path, (data, _) in student.items():
+        if path.endswith(".py"):
+            assert b"BEGIN SOLUTION" not in data.replace(b"`BEGIN SOLUTION`", b""), path
+    assert b"testpaths = unittests.py\n" in student["pytest.ini"][0]
+    bundle = tree(built / "autograder")
+    assert bundle["run_autograder"][1] == bundle["setup.sh"][1] == 0o755
+    assert bundle["pristine/gpt.py"] == student["gpt.py"]  # the bundle holds no solution either
+    assert "pristine/hidden_tests.py" in bundle and "hidden_tests.py" not in student
+
+
+# ----------------------------------------------------------------------------- check
+
+def test_check_passes_on_this_repository(capsys):
+    ok = check.check()
+    out = capsys.readouterr().out
+    assert ok, out
+    assert out.count("\nOK  ") + out.startswith("OK  ") == 5
+
+
+# ----------------------------------------------------------------------------- grading
+
+SPEC_TOP = {"score", "execution_time", "output", "output_format", "test_output_format", "test_name_format",
+            "visibility", "stdout_visibility", "extra_data", "tests", "leaderboard"}
+SPEC_TEST = {"score", "max_score", "status", "name", "name_format", "number", "output", "output_format", "tags",
+             "visibility", "extra_data"}
+VISIBILITY = {"visible", "hidden", "after_due_date", "after_published"}
+
+
+def assert_gradescope_format(result):
+    """The fields and value types of Gradescope's autograder specification (results.json)."""
+    assert set(result) <= SPEC_TOP and isinstance(result["score"], float)
+    assert isinstance(result["execution_time"], int) and isinstance(result["output"], str)
+    assert result["visibility"] in VISIBILITY and result["output_format"] == result["test_output_format"] == "text"
+    for number, test in enumerate(result["tests"], start=1):
+        assert set(test) <= SPEC_TEST
+        assert test["number"] == str(number) and isinstance(test["name"], str) and isinstance(test["output"], str)
+        assert test["status"] in ("passed", "failed") and test["visibility"] in VISIBILITY
+        assert 0 <= test["score"] <= test["max_score"] and all(isinstance(t, str) for t in test["tags"])
+        assert test["score"] == (test["max_score"] if test["status"] == "passed" else 0)
+    assert result["score"] == sum(t["score"] for t in result["tests"])
+    json.dumps(result)
+
+
+def zoo_cases():
+    """{name: {path in the submission: text}}: broken submissions, each graded end to end."""
+    graded = {name: solution(name) for name in ("gpt.py", "dataset.py")}
+    return {
+        "solution": graded,
+        "syntax_error": {**graded, "gpt.py": with_region("gpt.py", "mlp", "return x +")},
+        "import_error": {**graded, "dataset.py": "from torch import no_such_name\n" + solution("dataset.py")},
+        # one graded test reaches RMSNorm.forward, so this hang costs one timeout
+        "infinite_loop": {**graded, "gpt.py": with_region("gpt.py", "rmsnorm", "while True:", "    pass")},
+        # every signal blocked, then a sleep in C: only SIGKILL ends it (signal-based timeouts cannot)
+        "native_hang": {**graded, "dataset.py": with_region(
+            "dataset.py", "tokenizer_decode", "import ctypes, signal",
+            "signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())", "ctypes.CDLL(None).sleep(3600)")},
+        "crash": {**graded, "dataset.py": with_region("dataset.py", "tokenizer_encode", "import os", "os._exit(3)")},
+        "huge_output": {**graded, "gpt.py": 'print("spam " * 1_000_000)\n' + with_region(
+            "gpt.py", "gpt_loss", 'print("eggs " * 1_000_000)',
+            "loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)")},
+        "wrong_shapes": {**graded, "gpt.py": with_region(  # heads never moved next to the batch dim
+            "gpt.py", "attn_qkv", "q, k, v = self.c_attn(x).split(self.n_embd, dim=2)",
+            "q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in (q, k, v))")},
+        "untouched_release": {},  # graded as released: every file is missing
+        "edited_tests": {"unittests.py": "def test_everything():\n    assert True\n", "conftest.py": "",
+                         "pytest.ini": "[pytest]\naddopts = -k nothing\n"},
+        "nested_and_missing": {"my-work/dataset.py": graded["dataset.py"]},
+    }
+
+
+@pytest.fixture(scope="module")
+def zoo(built, tmp_path_factory):
+    """Each zoo submission's results.json object, graded two at a time."""
+    root = tmp_path_factory.mktemp("zoo")
+    pristine = str(built / "autograder" / "pristine")
+
+    def run(name, files):
+        for path, text in files.items():
+            (root / name / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / name / path).write_text(text)
+        (root / name).mkdir(exist_ok=True)
+        return grade.grade(str(root / name), pristine, str(root / f"{name}.json"), timeout=HANG_TIMEOUT, quiet=True)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(run, name, files) for name, files in zoo_cases().items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def failed(result):
+    return {t["name"] for t in result["tests"] if t["status"] == "failed"}
+
+
+def names(result, *prefixes):
+    """The test names of a result (those starting with one of the prefixes, if given)."""
+    return {t["name"] for t in result["tests"] if not prefixes or t["name"].startswith(prefixes)}
+
+
+def output(result, name):
+    return next(t["output"] for t in result["tests"] if t["name"] == name)
+
+
+@pytest.mark.parametrize("case", list(zoo_cases()))
+def test_zoo_every_test_reported_in_gradescope_format(zoo, case):
+    assert_gradescope_format(zoo[case])
+    assert [t["name"] for t in zoo[case]["tests"]] == [t["name"] for t in zoo["solution"]["tests"]]
+
+
+def test_zoo_solution_gets_full_marks(zoo):
+    result = zoo["solution"]
+    assert not failed(result) and result["score"] == sum(t["max_score"] for t in result["tests"]) > 0
+    assert names(result, "hidden: ") and all(t["visibility"] == "after_published"
+                                               for t in result["tests"] if t["name"].startswith("hidden: "))
+
+
+def test_zoo_untouched_release_scores_zero_on_every_region(zoo):
+    result = zoo["untouched_release"]
+    assert result["score"] == 0
+    assert failed(result) == {t["name"] for t in result["tests"] if t["tags"]}
+    assert "graded from the submission: no file" in result["output"]
+
+
+def test_zoo_syntax_and_import_errors_fail_only_the_tests_of_that_file(zoo):
+    data_tests = names(zoo["solution"], "test_tokenizer", "test_dataset")
+    assert failed(zoo["syntax_error"]) == names(zoo["solution"]) - data_tests
+    assert all("cannot import gpt.py: SyntaxError" in output(zoo["syntax_error"], n) for n in failed(zoo["syntax_error"]))
+    assert failed(zoo["import_error"]) == data_tests
+    assert all("cannot import dataset.py: ImportError" in output(zoo["import_error"], n) for n in data_tests)
+
+
+@pytest.mark.parametrize("case, test, message", [
+    ("infinite_loop", "test_rmsnorm_matches_formula_and_torch", "timed out"),
+    ("native_hang", "test_tokenizer_round_trip", "timed out"),
+    ("crash", "test_tokenizer_round_trip", "died during this test (exit code 3)"),
+])
+def test_zoo_hangs_and_crashes_cost_one_test(zoo, case, test, message):
+    result = zoo[case]
+    assert failed(result) == {test} and message in output(result, test)
+    max_score = sum(t["max_score"] for t in result["tests"])
+    assert result["score"] == max_score - next(t["max_score"] for t in result["tests"] if t["name"] == test)
+
+
+def test_zoo_huge_output_is_clipped(zoo):
+    result = zoo["huge_output"]
+    assert not failed(result)
+    assert max(len(t["output"]) for t in result["tests"]) < 10_000 < 5_000_000
+    assert any("characters cut" in t["output"] for t in result["tests"])
+
+
+def test_zoo_wrong_shapes(zoo):
+    result = zoo["wrong_shapes"]
+    assert {"test_attention_qkv_shapes_and_heads", "test_attention_reference", "test_gpt_logits_reference[rotary]",
+            "hidden: test_other_shape_matches_plain_torch[manual-rotary]"} <= failed(result)
+    assert not failed(result) & names(result, "test_tokenizer", "test_dataset", "test_rmsnorm", "test_rotary")
+    assert "should have shape (B, nh, T, hs)" in output(result, "test_attention_qkv_shapes_and_heads")
+
+
+def test_zoo_edited_tests_are_ignored(zoo):
+    result = zoo["edited_tests"]
+    assert result["score"] == zoo["untouched_release"]["score"] == 0
+    assert "ignored, the grader uses its own copy: conftest.py, pytest.ini, unittests.py" in result["output"]
+
+
+def test_zoo_nested_folder_and_missing_files(zoo):
+    result = zoo["nested_and_missing"]
+    assert "graded from the submission: dataset.py\n" in result["output"]
+    assert "gpt.py" in result["output"].split("graded as released: ")[1].splitlines()[0]
+    untagged = {t["name"] for t in result["tests"] if not t["tags"]}
+    assert names(result) - failed(result) == names(result, "test_tokenizer", "test_dataset") | untagged
+
+
+def test_run_autograder_end_to_end(built, tmp_path):
+    """The bundle as Gradescope runs it: source/, submission/ (files in one folder), results/results.json."""
+    shutil.copytree(built / "autograder", tmp_path / "source")
+    (tmp_path / "submission" / "micro-gpt").mkdir(parents=True)
+    for name in ("gpt.py", "dataset.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / "submission" / "micro-gpt" / name)
+    env = {**os.environ, "AUTOGRADER_DIR": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(tmp_path / "source" / "run_autograder")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert_gradescope_format(result)
+    assert result["score"] == sum(t["max_score"] for t in result["tests"]) > 0
+    assert "score" in proc.stdout and "test_mlp" in proc.stdout  # the table, for the instructor's stdout log
+
+
+def test_grade_cli_rejects_a_missing_folder(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "instructor", "grade", str(tmp_path / "nope")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == f"error: submission folder {tmp_path / 'nope'} does not exist " \
+                                                   f"or is not a folder\n"
+
+
+def test_student_run_shows_todos_and_points(built):
+    """`python unittests.py` in the untouched release: short TODO failures, the region table, the points."""
+    proc = subprocess.run([sys.executable, "unittests.py", "-p", "no:cacheprovider"], cwd=built / "student",
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "NotImplementedError: TODO[mlp]: " in proc.stdout and "replace the stub with your code" in proc.stdout
+    assert "TODO[mlp]" in proc.stdout.split("TODO regions")[1]
+    assert "points: 0 / " in proc.stdout and "points at stake" in proc.stdout

@@ -1,0 +1,384 @@
+"""
+Train the character-level GPT of gpt.py on a text file, in plain PyTorch, top to bottom.
+
+    python train.py                                   # GPU default: baby GPT on tiny shakespeare
+    python train.py --txt_file my.txt --out_dir runs/mine --max_steps 2000
+    torchrun --standalone --nproc_per_node 4 train.py # DDP: one process per GPU (gloo on CPU)
+
+All options: `python train.py --help` (cfg.py). Everything goes into one run folder (--out_dir):
+last.pt, best.pt (checkpoints), config.json (the resolved configuration), tokenizer.json, train.log
+and the TensorBoard events (`tensorboard --logdir runs`).
+
+Resuming: when out_dir already holds last.pt, the same command continues that run exactly where it
+stopped (same data order, RNG streams and learning-rate schedule; bitwise the same on CPU).
+
+Global batch: --batch_size is per process and micro-batch. One optimizer step averages the loss over
+batch_size x grad_accum x world_size sequences, taken from one global permutation of the training
+windows, so `torchrun --nproc_per_node 2 ... --batch_size 32` takes the same steps as one process
+with `--batch_size 64` or with `--batch_size 32 --grad_accum 2` (up to float rounding).
+
+Exit codes: 0 done; 1 failed (the loss became NaN/inf: the last good checkpoint is kept);
+2 bad option or data (nothing is written); 75 (cfg.EXIT_INTERRUPTED) stopped by SIGUSR1 or SIGTERM
+(SLURM's signal before a time limit or preemption) after finishing the step and writing last.pt:
+run the same command again, or requeue the job, to continue.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cfg import CPU_QUICK_RUN, EXIT_INTERRUPTED, parse_config
+from dataset import CharTokenizer, DataError, TextDataset, atomic_write, default_corpus, read_text, train_val_split
+from gpt import GPT
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
+                   "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense tensor-core peaks, for MFU
+
+
+def lr_at(step, cfg, max_steps):
+    """Linear warmup (never 0, even at step 0), then cosine decay from learning_rate to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def micro_batches(ds, cfg, epoch, epoch_step, rank, world_size, pin_memory):
+    """This process's micro-batches from data position (epoch, epoch_step) on, forever. Yields
+    (epoch, epoch_step, x, y), x and y (batch_size, block_size). Every process draws the same permutation
+    of the windows (seeded by seed + epoch, so it never depends on a worker's RNG); optimizer step s of the
+    epoch uses windows perm[s*G : (s+1)*G] of it, G = batch_size * grad_accum * world_size, and micro-step a
+    of process r takes the batch_size of them at offset (a * world_size + r) * batch_size."""
+    B, A = cfg.batch_size, cfg.grad_accum
+    while True:
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        steps = len(ds) // (B * A * world_size)  # the last incomplete global batch is dropped
+        order = perm[:steps * B * A * world_size].view(steps, A, world_size, B)[epoch_step:, :, rank]
+        loader = DataLoader(ds, batch_sampler=order.reshape(-1, B).tolist(), num_workers=cfg.num_workers,
+                            pin_memory=pin_memory)
+        for i, (x, y) in enumerate(loader):
+            yield epoch, epoch_step + i // A, x, y
+        epoch, epoch_step = epoch + 1, 0
+
+
+def rng_state():
+    """Every RNG stream of this process, as plain lists and tensors (loadable with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a checkpoint."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fail(message, code=2):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def setup(argv):
+    """Everything that can be wrong with the options or the data is found here, before anything is written."""
+    cfg = parse_config(argv)
+    txt_file = cfg.txt_file or default_corpus(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    stem = os.path.splitext(os.path.basename(txt_file))[0]
+    cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{stem}-{cfg.model_type}")  # stable: a requeued job resumes
+    last_path = os.path.join(cfg.out_dir, "last.pt")
+    resume = os.path.exists(last_path) if cfg.resume is None else cfg.resume
+    if resume and not os.path.exists(last_path):
+        raise ValueError(f"--resume: there is no {last_path}; check --out_dir or drop --resume")
+    ckpt = None
+    if resume:
+        try:
+            ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {last_path} ({type(e).__name__}); delete it or pass --no-resume") from None
+    text = read_text(txt_file)
+    tokenizer = CharTokenizer.from_dict(ckpt["tokenizer"]) if ckpt else CharTokenizer(text)
+    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    splits = {}
+    for name, part in zip(("training", "validation"), train_val_split(data, cfg.val_fraction)):
+        try:
+            splits[name] = TextDataset(part, cfg.block_size)
+        except DataError as e:
+            raise DataError(f"{name} split: {e}") from None
+    try:
+        prompt = tokenizer.encode(cfg.sample_prompt)
+    except DataError as e:
+        raise DataError(f"--sample_prompt: {e}") from None
+    model_config = cfg.model_config(tokenizer.vocab_size)
+    if ckpt and ckpt["model_config"] != asdict(model_config):
+        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(model_config).items()
+                if ckpt["model_config"].get(k) != v}
+        raise ValueError(f"{cfg.out_dir} holds a run of another model ({', '.join(f'{k} {b} there, {a} asked' for k, (a, b) in diff.items())}); "
+                         f"pass matching options, another --out_dir, or --no-resume")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    steps_per_epoch = len(splits["training"]) // global_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"the training split has {len(splits['training'])} windows, fewer than one global batch "
+                        f"of {global_batch}; use a longer text or a smaller --batch_size")
+    if cfg.epochs:
+        cfg.max_steps = cfg.epochs * steps_per_epoch
+    cfg.txt_file = txt_file
+    return cfg, ckpt, tokenizer, splits["training"], splits["validation"], prompt, model_config, steps_per_epoch
+
+
+def main(argv=None):
+    try:
+        cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, steps_per_epoch = setup(argv)
+    except ValueError as e:  # DataError is a ValueError too
+        fail(e)
+
+    # -------------------------------------------------------------------------------- processes and devices
+    ddp = "RANK" in os.environ  # launched by torchrun
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = cfg.device
+    if ddp:
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    master = rank == 0  # only process 0 writes the log, TensorBoard and checkpoints
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for the fp32 matmuls that remain
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = nullcontext() if cfg.precision == "fp32" else torch.autocast(
+        device_type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+    B, T, A = cfg.batch_size, cfg.block_size, cfg.grad_accum
+    tokens_per_step = B * A * world_size * T
+
+    # -------------------------------------------------------------------------------- run folder and log
+    writer = log_file = None
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2) + "\n")
+        tokenizer.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+        log_file = open(os.path.join(cfg.out_dir, "train.log"), "a", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only where it is used
+        # purge_step drops the events an interrupted run logged after its last checkpoint
+        writer = SummaryWriter(cfg.out_dir, purge_step=ckpt["step"] if ckpt else None)
+
+    def log(message):
+        if master:
+            tqdm.write(message)
+            log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            log_file.flush()
+
+    # -------------------------------------------------------------------------------- model and optimizer
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # each process its own dropout; DDP copies process 0's initial weights
+    raw_model = GPT(model_config).to(device)  # the plain module: what checkpoints and sampling use
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")  # fp16 needs loss scaling
+    step, epoch, epoch_step, best_val_loss = 0, 0, 0, float("inf")
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        step, epoch, best_val_loss = ckpt["step"], ckpt["epoch"], ckpt["best_val_loss"]
+        epoch_step = ckpt["epoch_index"] // (tokens_per_step // T)
+        if len(ckpt["rng"]) == world_size:
+            set_rng_state(ckpt["rng"][rank])
+        log(f"resuming {cfg.out_dir}/last.pt at step {step} (epoch {epoch}); best val loss so far {best_val_loss:.4f}"
+            + ("" if len(ckpt["rng"]) == world_size else "; the number of processes changed: RNG streams reseeded"))
+        changed = {k: (v, cfg.to_dict()[k]) for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v and k != "resume"}
+        if changed:
+            log("options changed since the checkpoint: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    model = torch.compile(raw_model) if cfg.compile else raw_model  # shares raw_model's parameters
+    eval_model = model
+    if ddp:
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+
+    n_params = raw_model.num_params()
+    flops_per_token = 6 * n_params + 12 * model_config.n_layer * model_config.n_embd * T  # PaLM appendix B
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
+        if device_type == "cuda" else None
+    log(f"model {n_params / 1e6:.2f}M parameters ({model_config.n_layer} layers, {model_config.n_head} heads, "
+        f"{model_config.n_embd} wide, {'absolute' if model_config.abs_emb else 'rotary'} positions) | {device} "
+        f"{cfg.precision} x {world_size} | global batch {tokens_per_step // T} x {T} tokens | {cfg.max_steps} steps "
+        f"= {cfg.max_steps / steps_per_epoch:.2f} epochs | {cfg.out_dir}")
+    if master and device_type == "cpu" and n_params > 5e6:
+        print(f"hint: this is the GPU configuration, hours on a CPU; a quick CPU run: "
+              f"python train.py {CPU_QUICK_RUN}", file=sys.stderr)
+
+    # -------------------------------------------------------------------------------- evaluation and samples
+    # a fixed set of validation windows (the same at every evaluation: comparable numbers), split over processes
+    n_val = min(len(val_ds), cfg.eval_iters * B * world_size)
+    val_windows = torch.randperm(len(val_ds), generator=torch.Generator().manual_seed(cfg.seed))[:n_val]
+    val_batches = val_windows[rank::world_size].split(B)
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean validation loss over the fixed windows, across all processes."""
+        eval_model.eval()
+        total = torch.zeros(2, device=device)  # (sum of losses, number of windows)
+        for idx in val_batches:
+            x, y = (torch.stack(t).to(device) for t in zip(*(val_ds[i] for i in idx.tolist())))  # (b, T) each
+            with autocast:
+                _, loss = eval_model(x, y)
+            total += torch.stack([loss.float() * len(idx), torch.tensor(float(len(idx)), device=device)])
+        if ddp:
+            dist.all_reduce(total)
+        eval_model.train()
+        return (total[0] / total[1]).item()
+
+    @torch.no_grad()
+    def sample():
+        raw_model.eval()
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)  # its own RNG: training's streams untouched
+        idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, len(prompt))
+        with autocast:
+            out = raw_model.generate(idx, cfg.sample_length, temperature=cfg.sample_temperature, generator=generator)
+        raw_model.train()
+        return tokenizer.decode(out[0].tolist())
+
+    # -------------------------------------------------------------------------------- checkpoints and signals
+    def checkpoint():
+        """The whole training state; every process takes part (RNG states are gathered), process 0 writes."""
+        rng = [None] * world_size
+        if ddp:
+            dist.all_gather_object(rng, rng_state())
+        else:
+            rng = [rng_state()]
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step, "epoch": epoch,
+                "epoch_index": epoch_step * tokens_per_step // T, "best_val_loss": best_val_loss,
+                "config": cfg.to_dict(), "model_config": asdict(model_config), "tokenizer": tokenizer.to_dict(),
+                "rng": rng}
+
+    def save(name, state):
+        if master:
+            save_atomic(state, os.path.join(cfg.out_dir, name))
+
+    signals = []  # SLURM sends SIGUSR1 (--signal) before the time limit and SIGTERM on preemption
+    for s in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: signals.append(signum))
+
+    # -------------------------------------------------------------------------------- the training loop
+    batches = micro_batches(train_ds, cfg, epoch, epoch_step, rank, world_size, pin_memory=device_type == "cuda")
+    sample_interval = cfg.sample_interval or cfg.eval_interval
+    loss_sum, grad_norm = torch.zeros((), device=device), torch.zeros(())
+    t_log, step_log = time.time(), step
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg, cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro_step in range(A):
+            epoch, epoch_step, x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T) each
+            # DDP: all-reduce the gradients only once per step, on the last micro-batch
+            with model.no_sync() if ddp and micro_step < A - 1 else nullcontext():
+                with autocast:
+                    _, loss = model(x, y)
+                scaler.scale(loss / A).backward()  # / A: the step's loss is the mean over its micro-batches
+            loss_sum += loss.detach().float() / A
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step, epoch_step = step + 1, epoch_step + 1
+        bar.update()
+
+        stop, last = bool(signals), step == cfg.max_steps
+        if ddp:  # processes must stop at the same step: they agree every log_interval steps
+            flag = torch.tensor(float(stop), device=device)
+            if step % cfg.log_interval == 0:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = step % cfg.log_interval == 0 and flag.item() > 0
+        # read the loss back only every log_interval steps (it waits for the GPU), and before anything is written
+        if last or stop or any(step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)):
+            stats = torch.stack([loss_sum / (step - step_log), grad_norm.float().to(device)])
+            if ddp:
+                dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+            train_loss, norm = stats.tolist()
+            if not math.isfinite(train_loss):  # the weights are spoilt: keep the last good checkpoint as it is
+                bar.close()
+                fail(f"the training loss became {train_loss} by step {step}; stopped without saving, the last good "
+                     f"checkpoint is kept. Lower --learning_rate, keep --grad_clip on, or use --precision bf16/fp32",
+                     code=1)
+            dt, t_log = time.time() - t_log, time.time()
+            tokens_per_sec = (step - step_log) * tokens_per_step / dt
+            mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            if master:
+                for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", norm),
+                                    ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):
+                    if value is not None:
+                        writer.add_scalar(name, value, step)
+                log_file.write(f"step {step} loss {train_loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
+                               f"tok/s {tokens_per_sec:.0f}" + (f" mfu {mfu:.1%}" if mfu else "") + "\n")
+            loss_sum.zero_()
+            step_log = step
+
+        if step % cfg.eval_interval == 0 or last:
+            val_loss = evaluate()
+            improved = val_loss < best_val_loss
+            best_val_loss = min(best_val_loss, val_loss)
+            log(f"step {step}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | val bpc "
+                f"{val_loss / math.log(2):.4f}" + (" | best so far" if improved else ""))
+            if master:
+                writer.add_scalar("val/loss", val_loss, step)
+                writer.add_scalar("val/bpc", val_loss / math.log(2), step)  # bits per character
+            if improved:
+                save("best.pt", checkpoint())
+        if master and cfg.sample_length and (step % sample_interval == 0 or last):
+            text = sample()
+            log(f"sample at step {step}:\n{text}")
+            writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code block
+        if step % cfg.checkpoint_interval == 0 or last or stop:
+            save("last.pt", checkpoint())
+        if stop:
+            bar.close()
+            names = "/".join(signal.Signals(s).name for s in sorted(set(signals))) or "another process"
+            log(f"stopped by {names} at step {step}; last.pt written. Run the same command again to resume.")
+            break
+
+    bar.close()
+    if master:
+        writer.close()
+        if not stop:
+            log(f"done: best val loss {best_val_loss:.4f} ({best_val_loss / math.log(2):.4f} bpc)")
+    if ddp:
+        dist.destroy_process_group()
+    return EXIT_INTERRUPTED if stop else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
