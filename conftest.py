@@ -38,8 +38,9 @@ class Scoreboard:
             report.longrepr = f"NotImplementedError: {error.value}  ({where}: replace the stub with your code)"
 
     def pytest_runtest_logreport(self, report):
-        if report.nodeid in self.graded:
-            # passed only if setup, call and teardown all passed (a skipped graded test earns nothing)
+        # passed if its call passed and no phase failed or skipped (a skipped graded test earns nothing);
+        # an interrupted test has no call report and does not count as run
+        if report.nodeid in self.graded and (report.when == "call" or not report.passed):
             self.passed[report.nodeid] = self.passed.get(report.nodeid, True) and report.passed
 
     def pytest_terminal_summary(self, terminalreporter):

@@ -287,8 +287,8 @@ class Block(nn.Module):
 
     def forward(self, x):
         # BEGIN SOLUTION block
-        # TODO: two residual branches, each normalising its input first (pre-norm):
-        # TODO: x = x + self.attn(self.ln_1(x)), then x = x + self.mlp(self.ln_2(x)). (B, T, C) -> (B, T, C)
+        # TODO: two residual branches, each normalising its input first (pre-norm): add to x what self.attn
+        # TODO: makes of self.ln_1(x); then add to that what self.mlp makes of its self.ln_2. (B, T, C) -> (B, T, C)
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x

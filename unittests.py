@@ -4,7 +4,7 @@ Graded tests of Micro-GPT. Run them with `pytest unittests.py` (or `python unitt
 Each test checks one concept, carries its points (@graded) and names the TODO regions it covers;
 a failure says what was expected, what came out, and which TODO to look at. Your modules are
 imported inside the tests, so a mistake in one file fails only the tests that use it.
-Reference values come from unittests_ref.pt (regenerate: python -m instructor.make_reference).
+Reference values come from unittests_ref.pt (regenerate: python -m instructor reference).
 """
 
 import importlib
@@ -258,7 +258,7 @@ def test_attention_probs_formula():
                  "attention probabilities softmax(mask(q k^T / sqrt(hs)))", "attn_scores")
 
 
-@graded(1, "attn_softmax")
+@graded(1, "attn_softmax", "attn_scores")
 def test_attention_rows_sum_to_one():
     attn = attention()
     probs = attn.attention_probs(torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8))
@@ -267,7 +267,7 @@ def test_attention_rows_sum_to_one():
         fail("attention probabilities must not be negative", "attn_softmax")
 
 
-@graded(2, "attn_mask")
+@graded(2, "attn_mask", "attn_scores")
 def test_attention_mask_hides_future():
     attn = attention()
     probs = attn.attention_probs(torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8))
@@ -296,7 +296,7 @@ def test_attention_is_causal(flash, abs_emb):
                  todo)
 
 
-@graded(2, "attn_flash", "attn_values", "attn_out")
+@graded(2, "attn_flash", "attn_values", "attn_out", "attn_qkv")
 def test_attention_manual_equals_flash():
     manual = attention(use_flash_attn=False)
     flash = attention(use_flash_attn=True)
@@ -332,7 +332,7 @@ def test_mlp(ref):
     assert_close(ref_model(ref).transformer.h[0].mlp(ref["x"]), ref["mlp_out"], "MLP vs the reference", "mlp")
 
 
-@graded(2, "block")
+@graded(2, "block", "attn_qkv")
 def test_block_residual_structure(ref):
     block = ref_model(ref).transformer.h[0]
     x = ref["x"]
@@ -356,7 +356,7 @@ def test_gpt_logits_reference(ref, abs_emb):
                  "gpt_embed" if abs_emb else "gpt_logits")
 
 
-@graded(2, "gpt_loss")
+@graded(2, "gpt_loss", "gpt_embed")
 def test_gpt_loss_is_cross_entropy(ref):
     model = ref_model(ref)
     logits, loss = model(ref["idx"], ref["targets"])  # targets hold -1 (ignored) at 3 positions
@@ -399,7 +399,7 @@ def tiny_model(seed=0, **overrides):
     return gpt.GPT(tiny_config(block_size=8, **overrides)).eval()
 
 
-@graded(2, "sample_greedy")
+@graded(2, "sample_greedy", "gpt_embed")
 def test_generate_greedy_equals_argmax():
     model = tiny_model()
     idx = torch.randint(0, 13, (2, 3))
@@ -420,7 +420,7 @@ def sample(logits, n=2000, seed=0, **kwargs):
     return gpt.sample_next(logits.expand(n, -1), generator=g, **kwargs).view(-1)
 
 
-@graded(2, "sample_top_k", "sample_draw")
+@graded(2, "sample_top_k", "sample_draw", "sample_temperature")
 def test_top_k_never_samples_outside_top_k():
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 0.5, 2.5, 2.0, -1.0]])
     ids = set(sample(logits, top_k=3).tolist())
@@ -432,7 +432,7 @@ def test_top_k_never_samples_outside_top_k():
              f"got {sorted(ids)}", "sample_top_k")
 
 
-@graded(2, "sample_top_p", "sample_draw")
+@graded(2, "sample_top_p", "sample_draw", "sample_temperature")
 def test_top_p_samples_only_the_nucleus():
     probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
     logits = probs.log()

@@ -3,7 +3,7 @@ Instructor commands, run from the repository's root:
 
     python -m instructor check                      prove the release right (5 steps, OK / FAIL each)
     python -m instructor release                    check, then write dist/student, dist/autograder(.zip)
-    python -m instructor grade SUBMISSION [--out results.json] [--timeout 30] [--total-timeout 1200]
+    python -m instructor grade SUBMISSION [--out results.json] [--timeout 30] [--total-timeout 540]
     python -m instructor reference                  regenerate unittests_ref.pt from the solution
 
 Exit status: 0 on success, 1 when check fails, 2 on bad input (one line on stderr, no traceback).

@@ -154,9 +154,9 @@ def reference_problems():
     return []
 
 
-def check(jobs=None, file=sys.stdout):
-    """Run the five steps, printing an OK / FAIL line for each. -> True if all pass."""
-    start = time.monotonic()
+def check(file=None):
+    """Run the five steps, printing an OK / FAIL line for each (to file, default stdout). -> True if all pass."""
+    start, file = time.monotonic(), file or sys.stdout
 
     def report(number, title, problems, details=()):
         print(f"{'FAIL' if problems else 'OK  '}  {number}. {title}", file=file, flush=True)
@@ -171,7 +171,7 @@ def check(jobs=None, file=sys.stdout):
         return report(0, "markers", [str(e)])
     ok = []
     with tempfile.TemporaryDirectory(prefix="release-") as tmp, \
-            concurrent.futures.ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
+            concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         release.build(tmp)
         pristine = os.path.join(tmp, "autograder", "pristine")
         solution = {name: source(name) for name in grade.student_modules(pristine)}
@@ -183,17 +183,18 @@ def check(jobs=None, file=sys.stdout):
         executed = solution_run.result()[1]
         stubbed = {}
         for r in found:
-            select = executing(r, executed)  # none: no test reaches the region, so none can fail
-            stubbed[r.id] = select and pool.submit(graded_run, pristine, {
-                **solution, r.path: regions.strip(source(r.path), r.path, only={r.id})}, select)
+            select = executing(r, executed)
+            if select:  # else no test reaches the region, so none can fail: it is reported uncovered
+                stubbed[r.id] = pool.submit(graded_run, pristine, {
+                    **solution, r.path: regions.strip(source(r.path), r.path, only={r.id})}, select)
 
         tests = solution_run.result()[0]
         ok.append(report(1, f"the solution passes every graded test ({len(tests)} tests, "
                             f"{sum(t['points'] for t in tests):g} points)", solution_problems(solution_run.result())))
         ok.append(report(2, "the release imports and its region tests fail with their TODO messages",
                          release_problems(release_run.result(), imported.result())))
-        table, uncovered = coverage_table(found, {rid: run.result() if run else ([], {}, [])
-                                                         for rid, run in stubbed.items()})
+        table, uncovered = coverage_table(found, {r.id: stubbed[r.id].result() if r.id in stubbed else ([], {}, [])
+                                                  for r in found})
         ok.append(report(3, f"coverage: each of the {len(found)} regions alone stubbed fails a graded test",
                          uncovered, table))
     ok.append(report(4, f"no line of solution code in the release ({looked_for} lines looked for)", leaked))

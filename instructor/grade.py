@@ -1,7 +1,7 @@
 """
 Grading: the pristine graded tests run on a submission; points per test; Gradescope's results.json.
 
-    python -m instructor.grade SUBMISSION --pristine DIR [--out results.json] [--timeout 30] [--total-timeout 1200]
+    python -m instructor.grade SUBMISSION --pristine DIR [--out results.json] [--timeout 30] [--total-timeout 540]
 
 The autograder bundle calls this; in the instructor's repository use `python -m instructor grade`.
 DIR holds the graders' own copies of the test files (unittests.py, unittests_ref.pt, conftest.py,
@@ -30,8 +30,11 @@ TEST_FILES = ("unittests.py", "hidden_tests.py")  # graded in this order; hidden
 HIDDEN_FILES = ("hidden_tests.py",)  # their results are shown to students once grades are published
 INFRA = TEST_FILES + ("unittests_ref.pt", "conftest.py", "pytest.ini")  # never taken from a submission
 PYTEST_ARGS = ("-p", "no:cacheprovider", "-q", "--tb=short", "-c", "pytest.ini", "--rootdir", ".")
+TIMEOUT = 30.0  # seconds one test may run
+TOTAL_TIMEOUT = 540.0  # seconds for all tests: below Gradescope's default limit of 10 minutes
 IDLE_LIMIT = 120.0  # seconds the worker may spend outside any test (start-up: python, torch, collection)
 POLL = 0.05
+LOG_TAIL = 1500  # characters of the worker's own output shown when it dies
 
 
 class GradeError(Exception):
@@ -51,6 +54,11 @@ def submitted_folder(submission, modules):
     return folders[0] if len(folders) == 1 else submission
 
 
+def has_todos(path):
+    with open(path, encoding="utf-8") as f:
+        return "TODO[" in f.read()
+
+
 def prepare(pristine, submission, workdir):
     """Fill workdir with the pristine files, then the student's modules. -> notes for the report."""
     shutil.copytree(pristine, workdir, dirs_exist_ok=True)
@@ -60,9 +68,9 @@ def prepare(pristine, submission, workdir):
     for name in taken:
         shutil.copyfile(os.path.join(folder, name), os.path.join(workdir, name))
     notes = [f"graded from the submission: {', '.join(taken) or 'no file'}"]
-    missing = [n for n in modules if n not in taken]
-    if missing:
-        notes.append(f"not in the submission, graded as released: {', '.join(missing)}")
+    with_todos = [n for n in modules if n not in taken and has_todos(os.path.join(pristine, n))]
+    if with_todos:
+        notes.append(f"not in the submission, graded as released (TODOs not done): {', '.join(with_todos)}")
     ignored = sorted(n for n in os.listdir(folder) if n in INFRA)
     if ignored:
         notes.append(f"ignored, the grader uses its own copy: {', '.join(ignored)}")
@@ -96,9 +104,17 @@ def kill(proc):
     proc.wait()
 
 
+def log_tail(log, start):
+    """The end of what the worker printed since offset start."""
+    with open(log, "rb") as f:
+        f.seek(max(start, os.path.getsize(log) - LOG_TAIL))
+        return f.read().decode("utf-8", "replace").strip()
+
+
 def run_worker(workdir, args, events, log, timeout, deadline, env):
     """One worker on `args`, watched. -> (its events, the test it was stopped in or None, why)."""
     with open(log, "ab") as out:
+        log_start = out.tell()
         proc = subprocess.Popen([sys.executable, WORKER, events.path, *args], cwd=workdir, env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     seen, current, since = [], None, time.monotonic()
@@ -111,10 +127,13 @@ def run_worker(workdir, args, events, log, timeout, deadline, env):
         now = time.monotonic()
         if code is not None:
             kill(proc)  # its leftover children
-            return seen, current, f"the test process died during this test (exit code {code})"
+            if current is None:
+                return seen, None, f"the test process exited (code {code}) before it"
+            return seen, current, (f"the test process died during this test (exit code {code}); its last output:\n"
+                                   f"{log_tail(log, log_start)}")
         if now > deadline:
             kill(proc)
-            return seen, current, "not finished when the grader's overall time limit ran out"
+            return seen, current, "the grader's overall time limit ran out"
         if current is not None and now - since > timeout:
             kill(proc)
             return seen, current, f"timed out: still running after {timeout:g} s, stopped"
@@ -124,7 +143,7 @@ def run_worker(workdir, args, events, log, timeout, deadline, env):
         time.sleep(POLL)
 
 
-def run_tests(workdir, timeout=30.0, total_timeout=1200.0, select=None, trace=()):
+def run_tests(workdir, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, select=None, trace=()):
     """Run the tests of workdir (all of TEST_FILES, or the node ids in select) under the watchdog; with
     trace (file names), record the lines each test executes in those files.
     -> (tests [{nodeid, points, todo}] in order, {nodeid: {passed, output[, lines]}}, problems [str])"""
@@ -150,14 +169,12 @@ def run_tests(workdir, timeout=30.0, total_timeout=1200.0, select=None, trace=()
             if stopped is not None:
                 results[stopped] = {"passed": False, "output": why}
             if tests is None:
-                with open(log, "rb") as f:
-                    tail = f.read()[-3000:].decode("utf-8", "replace")
-                problems.append(f"the tests could not be collected ({why}); worker log:\n{tail}")
+                problems.append(f"the tests could not be collected ({why}); worker log:\n{log_tail(log, 0)}")
                 return [], results, problems
             args = [t["nodeid"] for t in tests if t["nodeid"] not in results]
             if args and (len(results) == done_before or time.monotonic() > deadline):
                 for nodeid in args:  # no progress (or no time) left: the rest did not run
-                    results[nodeid] = {"passed": False, "output": f"not run: {why or 'the test process stopped'}"}
+                    results[nodeid] = {"passed": False, "output": f"not run: {why}"}
                 args = []
     return tests, results, problems
 
@@ -202,18 +219,18 @@ def reason(output, limit=100):
     return (errors or lines or [""])[0][:limit]
 
 
-def print_table(result, file=sys.stdout):
-    """The score table: one line per test, why each failed test failed, the total."""
+def print_table(result):
+    """The score table on stdout: one line per test, why each failed test failed, the total."""
     width = max([len(t["name"]) for t in result["tests"]] + [4])
-    print(f"{'#':>3}  {'test':<{width}}  {'points':>7}  status", file=file)
+    print(f"{'#':>3}  {'test':<{width}}  {'points':>7}  status")
     for t in result["tests"]:
         why = reason(t["output"], 80) if t["status"] == "failed" else ""
         points = f"{t['score']:g}/{t['max_score']:g}"
-        print(f"{t['number']:>3}  {t['name']:<{width}}  {points:>7}  {t['status']:<6}  {why}".rstrip(), file=file)
-    print(result["output"], file=file)
+        print(f"{t['number']:>3}  {t['name']:<{width}}  {points:>7}  {t['status']:<6}  {why}".rstrip())
+    print(result["output"])
 
 
-def grade(submission, pristine, out=None, timeout=30.0, total_timeout=1200.0, quiet=False):
+def grade(submission, pristine, out=None, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, quiet=False):
     """Grade one submission folder against the pristine folder. -> the results.json object (also written to out)."""
     if not os.path.isdir(submission):
         raise GradeError(f"submission folder {submission} does not exist or is not a folder")
@@ -237,9 +254,10 @@ def grade(submission, pristine, out=None, timeout=30.0, total_timeout=1200.0, qu
 def add_arguments(parser):
     parser.add_argument("submission", help="folder with the student's files (or with one folder holding them)")
     parser.add_argument("--out", help="where to write results.json")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds one test may run (default 30)")
-    parser.add_argument("--total-timeout", type=float, default=1200.0,
-                        help="seconds for all tests together (default 1200)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT,
+                        help=f"seconds one test may run (default {TIMEOUT:g})")
+    parser.add_argument("--total-timeout", type=float, default=TOTAL_TIMEOUT,
+                        help=f"seconds for all tests together (default {TOTAL_TIMEOUT:g})")
 
 
 def main(argv=None):

@@ -39,6 +39,9 @@ SETUP_SH = f"""#!/usr/bin/env bash
 #   --index-url https://download.pytorch.org/whl/cpu   to the first install.
 set -euo pipefail
 cd "$(dirname "$0")"
+if ! python3 -m pip --version >/dev/null 2>&1; then
+    apt-get update && apt-get install -y python3 python3-pip
+fi
 python3 -m pip install --no-cache-dir {TORCH_PIN}
 python3 -m pip install --no-cache-dir -r requirements.txt
 """
@@ -46,13 +49,15 @@ python3 -m pip install --no-cache-dir -r requirements.txt
 RUN_AUTOGRADER = """#!/usr/bin/env bash
 # Gradescope runs this for every submission: the pristine graded tests on the files of
 # /autograder/submission, points and messages into /autograder/results/results.json.
+# Limits: --timeout per test, --total-timeout for all (keep it below the assignment's autograder
+# timeout, 10 minutes by default, so that results.json is always written).
 # To try it elsewhere: AUTOGRADER_DIR (default /autograder, holding source/ and submission/),
-# PYTHON (default python3) and GRADER_ARGS (e.g. "--timeout 60 --total-timeout 1800").
+# PYTHON (default python3), GRADER_ARGS (replaces the limits below).
 set -euo pipefail
 root="${AUTOGRADER_DIR:-/autograder}"
 cd "$root/source"
 exec "${PYTHON:-python3}" -m instructor.grade "$root/submission" --pristine pristine \\
-    --out "$root/results/results.json" ${GRADER_ARGS:-}
+    --out "$root/results/results.json" ${GRADER_ARGS:---timeout 30 --total-timeout 540}
 """
 
 

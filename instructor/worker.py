@@ -19,7 +19,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # the code under test must not import the grader
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # tested code must not import the grader
 
 import pytest  # noqa: E402 (after the sys.path change)
 
@@ -105,9 +105,9 @@ class Reporter:
             if r.failed:
                 parts.append(clip(r.longreprtext) if r.when == "call" else f"error in {r.when}: {clip(r.longreprtext)}")
             elif r.skipped:
-                parts.append(f"skipped: {r.longrepr[-1] if isinstance(r.longrepr, tuple) else r.longreprtext}")
+                parts.append(r.longrepr[-1] if isinstance(r.longrepr, tuple) else r.longreprtext)  # "Skipped: why"
         for stream in ("stdout", "stderr"):
-            captured = "".join(getattr(r, f"cap{stream}") for r in reports)
+            captured = getattr(reports[-1], f"cap{stream}")  # the last phase's report holds every phase's output
             if captured:
                 parts.append(f"--- captured {stream} ---\n{clip(captured)}")
         self.write(done=nodeid, passed=passed, output="\n".join(parts), **({"lines": lines} if self.tracer else {}))
