@@ -54,6 +54,8 @@ class TrainConfig:
     abs_emb: bool = arg(False, "learned absolute position embeddings (GPT-2) instead of rotary (RoPE)", "model")
     use_flash_attn: bool = arg(True, "fused F.scaled_dot_product_attention instead of the manual path", "model")
     norm: str = arg("layernorm", "normalisation layer", "model", choices=["layernorm", "rmsnorm"])
+    fused_norm: bool = arg(True, "PyTorch's fused norm kernel (--no-fused_norm: the hand-written one, slower)",
+                           "model")
     # optimisation
     batch_size: int = arg(64, "sequences per micro-batch per process; one step sees batch_size x "
                           "grad_accum x processes sequences (the global batch)", "optimisation")
@@ -72,7 +74,8 @@ class TrainConfig:
     # evaluation and sampling
     eval_interval: int = arg(250, "evaluate on the validation split every this many steps (and at the end)",
                              "evaluation")
-    eval_iters: int = arg(50, "validation batches per evaluation (a fixed set of windows)", "evaluation")
+    eval_iters: int = arg(50, "validation batches (of the global batch size) per evaluation, always the same "
+                          "windows", "evaluation")
     log_interval: int = arg(10, "log training loss, tokens/s, lr and grad norm every this many steps", "evaluation")
     sample_interval: Optional[int] = arg(None, "print a text sample every this many steps "
                                          "(default: at every evaluation)", "evaluation")
@@ -97,7 +100,8 @@ class TrainConfig:
         """The GPTConfig this training configuration asks for."""
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                         abs_emb=self.abs_emb, use_flash_attn=self.use_flash_attn, norm=self.norm)
+                         abs_emb=self.abs_emb, use_flash_attn=self.use_flash_attn, norm=self.norm,
+                         fused_norm=self.fused_norm)
 
     def to_dict(self):
         return asdict(self)
@@ -153,8 +157,8 @@ def validate(cfg):
         if not ok:  # written so that NaN fails every check
             raise ValueError(message)
 
-    for name in ("block_size", "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters",
-                 "log_interval", "checkpoint_interval", "sample_interval", "epochs"):
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_interval",
+                 "eval_iters", "log_interval", "checkpoint_interval", "sample_interval", "epochs"):
         value = getattr(cfg, name)
         check(value is None or value > 0, f"--{name} must be a positive integer, got {value}")
     for name in ("warmup_steps", "sample_length", "num_workers", "seed"):

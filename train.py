@@ -67,8 +67,9 @@ def micro_batches(ds, cfg, epoch, epoch_step, rank, world_size, pin_memory):
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         steps = len(ds) // (B * A * world_size)  # the last incomplete global batch is dropped
         order = perm[:steps * B * A * world_size].view(steps, A, world_size, B)[epoch_step:, :, rank]
+        # its own generator: creating the loader's iterator must not draw from the global RNG (dropout's)
         loader = DataLoader(ds, batch_sampler=order.reshape(-1, B).tolist(), num_workers=cfg.num_workers,
-                            pin_memory=pin_memory)
+                            pin_memory=pin_memory, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         for i, (x, y) in enumerate(loader):
             yield epoch, epoch_step + i // A, x, y
         epoch, epoch_step = epoch + 1, 0
@@ -191,9 +192,10 @@ def main(argv=None):
         # purge_step drops the events an interrupted run logged after its last checkpoint
         writer = SummaryWriter(cfg.out_dir, purge_step=ckpt["step"] if ckpt else None)
 
-    def log(message):
+    def log(message, echo=True):  # to train.log, and to the terminal unless echo=False
         if master:
-            tqdm.write(message)
+            if echo:
+                tqdm.write(message)
             log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
             log_file.flush()
 
@@ -238,7 +240,7 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------------- evaluation and samples
     # a fixed set of validation windows (the same at every evaluation: comparable numbers), split over processes
-    n_val = min(len(val_ds), cfg.eval_iters * B * world_size)
+    n_val = min(len(val_ds), cfg.eval_iters * tokens_per_step // T)  # eval_iters global batches
     val_windows = torch.randperm(len(val_ds), generator=torch.Generator().manual_seed(cfg.seed))[:n_val]
     val_batches = val_windows[rank::world_size].split(B)
 
@@ -330,9 +332,11 @@ def main(argv=None):
             train_loss, norm = stats.tolist()
             if not math.isfinite(train_loss):  # the weights are spoilt: keep the last good checkpoint as it is
                 bar.close()
-                fail(f"the training loss became {train_loss} by step {step}; stopped without saving, the last good "
-                     f"checkpoint is kept. Lower --learning_rate, keep --grad_clip on, or use --precision bf16/fp32",
-                     code=1)
+                message = (f"the training loss became {train_loss} by step {step}; stopped without saving, the last "
+                           f"good checkpoint is kept. Lower --learning_rate, keep --grad_clip on, or use --precision "
+                           f"bf16/fp32")
+                log("error: " + message, echo=False)
+                fail(message, code=1)
             dt, t_log = time.time() - t_log, time.time()
             tokens_per_sec = (step - step_log) * tokens_per_step / dt
             mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
@@ -342,8 +346,8 @@ def main(argv=None):
                                     ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):
                     if value is not None:
                         writer.add_scalar(name, value, step)
-                log_file.write(f"step {step} loss {train_loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} "
-                               f"tok/s {tokens_per_sec:.0f}" + (f" mfu {mfu:.1%}" if mfu else "") + "\n")
+            log(f"step {step} loss {train_loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} tok/s {tokens_per_sec:.0f}"
+                + (f" mfu {mfu:.1%}" if mfu else ""), echo=False)
             loss_sum.zero_()
             step_log = step
 
@@ -364,6 +368,8 @@ def main(argv=None):
             writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code block
         if step % cfg.checkpoint_interval == 0 or last or stop:
             save("last.pt", checkpoint())
+        if any(step % n == 0 for n in (cfg.eval_interval, sample_interval, cfg.checkpoint_interval)):
+            t_log = time.time()  # tokens/s counts training steps only
         if stop:
             bar.close()
             names = "/".join(signal.Signals(s).name for s in sorted(set(signals))) or "another process"

@@ -30,6 +30,7 @@ GRADER_CODE = ("instructor/__init__.py", "instructor/grade.py", "instructor/work
 OUTPUTS = ("student", "autograder", "autograder.zip")
 TORCH_PIN = "torch==2.13.0"
 
+STUDENT_DEV_REQUIREMENTS = "# The graded tests (pytest unittests.py) need only the runtime requirements.\n-r requirements.txt\n"
 INSTRUCTOR_ONLY = "<!-- instructor-only -->"
 INSTRUCTOR_ONLY_END = "<!-- /instructor-only -->"
 
@@ -144,6 +145,8 @@ def student_files():
     paths = released_paths()
     files = {p: (released(p, read(p)), mode(p)) for p in paths}
     files["pytest.ini"] = (student_pytest_ini(read("pytest.ini").decode()).encode(), 0o644)
+    # the README's test command installs requirements-dev.txt; the graded tests need nothing beyond runtime
+    files["requirements-dev.txt"] = (STUDENT_DEV_REQUIREMENTS.encode(), 0o644)
     if os.path.isfile(os.path.join(ROOT, "README.md")):
         files["README.md"] = (student_readme(read("README.md").decode()).encode(), 0o644)
     return files

@@ -1,0 +1,329 @@
+"""
+The job scripts in slurm/, run by a real Slurm: a private single-node cluster started for this module
+(tests/slurm_cluster.py; it installs Debian's slurm-wlm and munge when they are missing). The jobs run
+the shipped scripts unchanged, made CPU-only the way the README tells users of a CPU partition:
+sbatch options on the command line (--partition, --gpus=0, --cpus-per-task) and NPROC_PER_NODE for the
+multi-process scripts; train.py options after the script name (a tiny model on a small generated text).
+
+The jobs run in a temporary folder holding links to the repository's files (train.py, slurm/, ...), so
+that their run folders and log files land there, not in the repository.
+"""
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from slurm_cluster import SlurmCluster, apt_install  # tests/slurm_cluster.py
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(os.path.join("slurm", f) for f in os.listdir(os.path.join(ROOT, "slurm"))
+                 if f.endswith((".job", ".sh")))
+EXIT_INTERRUPTED = 75
+
+# a tiny model and deterministic settings: dozens of steps per second on one core
+TINY = ["--txt_file", "corpus.txt", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+        "--dropout", "0", "--precision", "fp32", "--device", "cpu", "--eval_iters", "5", "--sample_length", "20",
+        "--log_interval", "5", "--batch_size", "8"]
+# the README's overrides for a CPU-only partition (the test cluster's partition is called cpu)
+CPU_ONE = ["--partition=cpu", "--gpus=0", "--cpus-per-task=1"]
+CPU_NODE = ["--partition=cpu", "--gpus-per-node=0", "--cpus-per-task=2"]  # with NPROC_PER_NODE=2
+DONE_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+               "DEADLINE", "PREEMPTED")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with SlurmCluster() as c:  # stops every daemon and job process it started, also when a test fails
+        yield c
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder that looks like the repository to the job scripts (links to its files) and holds the corpus."""
+    folder = tmp_path_factory.mktemp("jobs")
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") or name == "slurm":
+            os.symlink(os.path.join(ROOT, name), folder / name)
+    words = ("to be or not that is the question whether tis nobler in mind suffer slings and arrows of "
+             "outrageous fortune take arms against a sea troubles").split()
+    rng = random.Random(0)
+    lines = (" ".join(rng.choice(words) for _ in range(10)) for _ in range(3000))
+    (folder / "corpus.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def job_env(cluster, **extra):
+    """The submitting shell's environment: this Python first on PATH, and VENV pointing at its environment
+    (slurm/site.sh activates it), as a student's shell with the venv active would have."""
+    env = dict(cluster.env, PATH=os.path.dirname(sys.executable) + os.pathsep + cluster.env.get("PATH", ""))
+    if os.path.exists(os.path.join(sys.prefix, "bin", "activate")):
+        env["VENV"] = sys.prefix
+    env.update(extra)
+    return env
+
+
+def report(cluster, job_id, *paths):
+    """Everything worth reading when an assertion fails: Slurm's view, the daemons' logs, the job's files."""
+    parts = [cluster.diagnostics(job_id)]
+    for path in paths:
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                parts.append(f"--- {path}\n{f.read()[-4000:]}")
+    return "\n".join(parts)
+
+
+def wait_for_line(path, pattern, timeout, cluster, job_id):
+    """Wait until the file has a line matching pattern (the job is then mid-run); the match."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                match = re.search(pattern, f.read(), re.M)
+            if match:
+                return match
+        info = cluster.job(job_id)
+        assert info.get("JobState") not in DONE_STATES, \
+            f"job ended before {pattern!r} appeared in {path}\n" + report(cluster, job_id, path)
+        time.sleep(0.1)
+    pytest.fail(f"no {pattern!r} in {path} after {timeout} s\n" + report(cluster, job_id, path))
+
+
+def finish(cluster, job_id, files, timeout=180):
+    """Wait for the job to end (a requeued job starts again after a few seconds, see CRED_EXPIRE in
+    tests/slurm_cluster.py); assert it COMPLETED with exit code 0; its scontrol info."""
+    info = cluster.wait_state(job_id, DONE_STATES, timeout=timeout)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", report(cluster, job_id, *files)
+    return info
+
+
+def read(path):
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def params(run_dir):
+    ckpt = torch.load(os.path.join(run_dir, "last.pt"), map_location="cpu", weights_only=True)
+    return ckpt["step"], ckpt["model"]
+
+
+def assert_bitwise_equal(a, b, what):
+    diff = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    assert a.keys() == b.keys() and not diff, f"{what}: parameters differ (max abs difference {diff})"
+
+
+# ---------------------------------------------------------------------------------------------- one GPU
+
+@pytest.fixture(scope="module")
+def train_job(cluster, workdir):
+    """train.job on the CPU partition, uninterrupted: (job id, its info, run folder, .out, .err)."""
+    job = cluster.sbatch("slurm/train.job", *TINY, "--max_steps", "40", "--eval_interval", "20",
+                         options=CPU_ONE, env=job_env(cluster), cwd=workdir)
+    out, err = (str(workdir / f"slurm-train-{job}.{ext}") for ext in ("out", "err"))
+    info = finish(cluster, job, [out, err])
+    return job, info, str(workdir / "runs" / f"train-{job}"), out, err
+
+
+def test_train_job_trains_and_fills_its_run_folder(cluster, train_job):
+    job, info, run_dir, out, err = train_job
+    why = report(cluster, job, out, err)
+    assert info["Restarts"] == "0", why
+    for name in ("last.pt", "best.pt", "config.json", "tokenizer.json", "train.log"):
+        assert os.path.isfile(os.path.join(run_dir, name)), f"no {name} in {run_dir}\n{why}"
+    step, _ = params(run_dir)
+    assert step == 40, why
+    assert "done: best val loss" in read(os.path.join(run_dir, "train.log")), why
+    # Slurm's output file: the job script's lines and train.py's log; the error file: the progress bar
+    text = read(out)
+    assert f"run folder: runs/train-{job}" in text and "training done" in text and "val loss" in text, why
+    assert "40/40" in read(err), why
+    events = [f for f in os.listdir(run_dir) if f.startswith("events.out.tfevents")]
+    assert events, f"no TensorBoard events in {run_dir}\n{why}"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(run_dir)
+    accumulator.Reload()
+    assert {"train/loss", "val/loss", "lr"} <= set(accumulator.Tags()["scalars"]), why
+    assert [e.step for e in accumulator.Scalars("val/loss")] == [20, 40], why
+
+
+def test_generate_job_samples_from_the_trained_run(cluster, workdir, train_job):
+    run_dir = os.path.relpath(train_job[2], workdir)
+    job = cluster.sbatch("slurm/generate.job", "--checkpoint", run_dir, "--prompt", "to be", "--max_new_tokens",
+                         "40", "--device", "cpu", options=CPU_ONE, env=job_env(cluster), cwd=workdir)
+    out, err = (str(workdir / f"slurm-generate-{job}.{ext}") for ext in ("out", "err"))
+    finish(cluster, job, [out, err], timeout=120)
+    # the sample: the prompt and 40 characters, between generate.py's separator and the job's last line
+    sample = re.search(r"-+ sample 1 of 1 -+\n(.*)\n\d{4}-\d\d-\d\d [\d:]+ job \d+: generate.py exited with code 0",
+                       read(out), re.S)
+    assert sample and sample.group(1).startswith("to be") and len(sample.group(1)) >= 45, \
+        report(cluster, job, out, err)
+
+
+def test_train_job_preempted_requeues_itself_and_resumes_bitwise(cluster, workdir, tmp_path):
+    args = [*TINY, "--max_steps", "300", "--eval_interval", "50", "--checkpoint_interval", "1000"]
+    # the reference: the same training uninterrupted, run directly, at the same time, with the same threads
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    reference = subprocess.Popen([sys.executable, "train.py", *args, "--out_dir", str(tmp_path / "reference")],
+                                 cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        job = cluster.sbatch("slurm/train.job", *args, options=CPU_ONE, env=job_env(cluster), cwd=workdir)
+        run_dir = str(workdir / "runs" / f"train-{job}")
+        out, err = (str(workdir / f"slurm-train-{job}.{ext}") for ext in ("out", "err"))
+        log = os.path.join(run_dir, "train.log")
+        # mid-run (the first evaluation is logged; no checkpoint yet), Slurm sends the batch script the
+        # signal it sends before a time limit; the job must save, requeue itself, wait, resume and finish
+        wait_for_line(log, r"step 50: train loss", 120, cluster, job)
+        cluster.run("scancel", "--signal=USR1", "--batch", job)
+        info = finish(cluster, job, [out, err, log])
+        _, reference_err = reference.communicate(timeout=120)
+        assert reference.returncode == 0, reference_err[-3000:]
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
+    why = report(cluster, job, out, err, log)
+    assert info["Restarts"] == "1", why
+    text = read(out)
+    assert "got SIGUSR1" in text and "requeueing the job" in text and "restart 1" in text, why
+    stopped = re.search(r"stopped by SIG\w+ at step (\d+); last\.pt written", read(log))
+    resumed = re.search(r"resuming \S+last\.pt at step (\d+)", read(log))
+    assert stopped and resumed and stopped.group(1) == resumed.group(1), why
+    assert 50 <= int(stopped.group(1)) < 300, why
+    step, resumed_params = params(run_dir)
+    reference_step, reference_params = params(str(tmp_path / "reference"))
+    assert step == reference_step == 300, why
+    assert_bitwise_equal(resumed_params, reference_params, "preempted job vs uninterrupted run")
+
+
+# ---------------------------------------------------------------------------------------- several processes
+
+# 2 processes x batch 4: the same global batch of 8 as the single-process jobs (the last --batch_size wins)
+MULTI = [*TINY, "--batch_size", "4", "--max_steps", "300", "--eval_interval", "50", "--checkpoint_interval", "1000"]
+
+
+@pytest.fixture(scope="module")
+def multigpu_job(cluster, workdir):
+    """train_multigpu.job with 2 CPU processes (torchrun, DDP over gloo), uninterrupted."""
+    job = cluster.sbatch("slurm/train_multigpu.job", *MULTI, options=CPU_NODE,
+                         env=job_env(cluster, NPROC_PER_NODE="2"), cwd=workdir)
+    out, err = (str(workdir / f"slurm-train-multigpu-{job}.{ext}") for ext in ("out", "err"))
+    info = finish(cluster, job, [out, err])
+    return job, info, str(workdir / "runs" / f"train-multigpu-{job}"), out, err
+
+
+def test_multigpu_job_runs_two_processes_with_gloo(cluster, multigpu_job):
+    job, info, run_dir, out, err = multigpu_job
+    why = report(cluster, job, out, err)
+    assert info["Restarts"] == "0", why
+    assert "2 processes x 1 threads" in read(out), why
+    assert "cpu fp32 x 2 | global batch 8 x 32" in read(os.path.join(run_dir, "train.log")), why
+    step, _ = params(run_dir)
+    assert step == 300, why
+
+
+def test_multinode_job_preempted_resumes_like_the_uninterrupted_multigpu_run(cluster, workdir, multigpu_job):
+    """train_multinode.job (srun + torchrun, c10d rendezvous on the first node; here the only one) with the
+    same 2 processes: preempted, it requeues itself and ends with the multigpu job's exact parameters."""
+    job = cluster.sbatch("slurm/train_multinode.job", *MULTI, options=["--nodes=1", *CPU_NODE],
+                         env=job_env(cluster, NPROC_PER_NODE="2"), cwd=workdir)
+    run_dir = str(workdir / "runs" / f"train-multinode-{job}")
+    out, err = (str(workdir / f"slurm-train-multinode-{job}.{ext}") for ext in ("out", "err"))
+    log = os.path.join(run_dir, "train.log")
+    wait_for_line(log, r"step 50: train loss", 120, cluster, job)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    info = finish(cluster, job, [out, err, log])
+    why = report(cluster, job, out, err, log)
+    assert info["Restarts"] == "1", why
+    assert "rendezvous" in read(out) and "requeueing the job" in read(out), why
+    stopped = re.search(r"stopped by SIG\w+ at step (\d+); last\.pt written", read(log))
+    resumed = re.search(r"resuming \S+last\.pt at step (\d+)", read(log))
+    assert stopped and resumed and stopped.group(1) == resumed.group(1) and int(stopped.group(1)) < 300, why
+    step, resumed_params = params(run_dir)
+    reference_step, reference_params = params(multigpu_job[2])
+    assert step == reference_step == 300, why
+    assert_bitwise_equal(resumed_params, reference_params, "preempted multinode job vs uninterrupted multigpu job")
+
+
+# ---------------------------------------------------------------------------------------------- the scripts
+
+FAKE_TRAINING = r"""
+echo $$ > "$DIR/pid"
+trap 'echo "got TERM" >> "$DIR/log"; stop=1' TERM
+echo started >> "$DIR/log"
+while [ -z "$stop" ] && [ ! -e "$DIR/finish" ]; do sleep 0.05; done
+[ -n "$stop" ] || exit "${EXIT_CODE:-0}"
+sleep 1                                   # writing the checkpoint takes a while: the job must wait for it
+echo saved >> "$DIR/log"
+exit "${STOPPED_CODE:-75}"
+"""
+STUB = '#!/bin/bash\necho "$(basename "$0") $*" >> "$DIR/log"\n'
+
+
+@pytest.mark.parametrize("case", ["signal", "signal-srun", "requeue-refused", "done", "failed"])
+def test_run_resumable_waits_for_the_checkpoint_then_requeues(tmp_path, case):
+    """slurm/resumable.sh alone, with a stand-in for the training and for scontrol/scancel: on SIGUSR1 it
+    asks the training to stop, waits for it to really end (bash's `wait` returns early on a trapped signal),
+    requeues only a stopped training, and ends with the right exit status."""
+    (tmp_path / "fake_training.sh").write_text(FAKE_TRAINING)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "scontrol").write_text(STUB + ('exit 1\n' if case == "requeue-refused" else 'exit 0\n'))
+    # scancel --signal=TERM JOBID: Slurm signals the step's processes, here the stand-in training
+    (tmp_path / "bin" / "scancel").write_text(STUB + 'kill -TERM "$(cat "$DIR/pid")"\n')
+    for stub in ("scontrol", "scancel"):
+        os.chmod(tmp_path / "bin" / stub, 0o755)
+    env = dict(os.environ, DIR=str(tmp_path), SLURM_JOB_ID="4242", PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+               EXIT_CODE="2" if case == "failed" else "0", STOPPED_CODE="1" if case == "signal-srun" else "75")
+    srun = "--srun" if case == "signal-srun" else ""
+    command = f"source slurm/resumable.sh; run_resumable {srun} bash {tmp_path}/fake_training.sh"
+    job = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "pid").exists() or "started" not in (tmp_path / "log").read_text():
+            assert time.monotonic() < deadline and job.poll() is None, "the stand-in training did not start"
+            time.sleep(0.05)
+        if case in ("done", "failed"):
+            (tmp_path / "finish").touch()
+        else:
+            job.send_signal(signal.SIGUSR1)  # what Slurm sends before the time limit (--signal=B:USR1@...)
+        output, _ = job.communicate(timeout=20)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    log = (tmp_path / "log").read_text().split("\n")
+    expected = {"signal": (0, ["started", "got TERM", "saved", "scontrol requeue 4242"]),
+                "signal-srun": (0, ["started", "scancel --signal=TERM 4242", "got TERM", "saved",
+                                    "scontrol requeue 4242"]),
+                "requeue-refused": (EXIT_INTERRUPTED, ["started", "got TERM", "saved", "scontrol requeue 4242"]),
+                "done": (0, ["started"]),
+                "failed": (2, ["started"])}[case]
+    assert (job.returncode, [line for line in log if line]) == expected, output
+
+
+def test_scripts_pass_bash_n_and_shellcheck():
+    apt_install(["shellcheck"], ["shellcheck"])
+    assert {"slurm/train.job", "slurm/train_multigpu.job", "slurm/train_multinode.job",
+            "slurm/generate.job"} <= set(SCRIPTS)
+    for script in SCRIPTS:
+        syntax = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
+        assert syntax.returncode == 0 and not syntax.stderr, f"bash -n {script}:\n{syntax.stderr}"
+    lint = subprocess.run([shutil.which("shellcheck"), *SCRIPTS], cwd=ROOT, capture_output=True, text=True)
+    assert lint.returncode == 0 and not lint.stdout and not lint.stderr, f"shellcheck:\n{lint.stdout}{lint.stderr}"
+
+
+@pytest.mark.parametrize("script", ["slurm/train.job", "slurm/train_multigpu.job", "slurm/train_multinode.job"])
+def test_training_scripts_ask_for_the_warning_signal_and_requeue(script):
+    text = read(os.path.join(ROOT, script))
+    for directive in ("#SBATCH --signal=B:USR1@", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                      "#SBATCH --output=slurm-%x-%j.out", "#SBATCH --error=slurm-%x-%j.err",
+                      "source slurm/site.sh", "source slurm/resumable.sh", "run_resumable "):
+        assert directive in text, f"{script} lacks {directive!r}"
+    # the site-specific settings come first, in one marked block
+    assert text.index("YOUR SITE") < text.index("#SBATCH --partition") < text.index("#SBATCH --job-name")
