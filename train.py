@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from cfg import CPU_QUICK_RUN, EXIT_INTERRUPTED, parse_config
 from dataset import CharTokenizer, DataError, TextDataset, atomic_write, default_corpus, read_text, train_val_split
-from gpt import GPT
+from gpt import GPT, GPTConfig
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
                    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense tensor-core peaks, for MFU
@@ -68,7 +68,7 @@ def micro_batches(ds, cfg, epoch, epoch_step, rank, world_size, pin_memory):
         steps = len(ds) // (B * A * world_size)  # the last incomplete global batch is dropped
         order = perm[:steps * B * A * world_size].view(steps, A, world_size, B)[epoch_step:, :, rank]
         # its own generator: creating the loader's iterator must not draw from the global RNG (dropout's)
-        loader = DataLoader(ds, batch_sampler=order.reshape(-1, B).tolist(), num_workers=cfg.num_workers,
+        loader = DataLoader(ds, batch_sampler=(b.tolist() for b in order.reshape(-1, B)), num_workers=cfg.num_workers,
                             pin_memory=pin_memory, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         for i, (x, y) in enumerate(loader):
             yield epoch, epoch_step + i // A, x, y
@@ -139,9 +139,9 @@ def setup(argv):
     except DataError as e:
         raise DataError(f"--sample_prompt: {e}") from None
     model_config = cfg.model_config(tokenizer.vocab_size)
-    if ckpt and ckpt["model_config"] != asdict(model_config):
-        diff = {k: (v, ckpt["model_config"].get(k)) for k, v in asdict(model_config).items()
-                if ckpt["model_config"].get(k) != v}
+    saved = asdict(GPTConfig.from_dict(ckpt["model_config"])) if ckpt else None
+    if ckpt and saved != asdict(model_config):
+        diff = {k: (v, saved[k]) for k, v in asdict(model_config).items() if saved[k] != v}
         raise ValueError(f"{cfg.out_dir} holds a run of another model ({', '.join(f'{k} {b} there, {a} asked' for k, (a, b) in diff.items())}); "
                          f"pass matching options, another --out_dir, or --no-resume")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -287,9 +287,14 @@ def main(argv=None):
         if master:
             save_atomic(state, os.path.join(cfg.out_dir, name))
 
-    signals = []  # SLURM sends SIGUSR1 (--signal) before the time limit and SIGTERM on preemption
-    for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, lambda signum, frame: signals.append(signum))
+    signals = []  # SLURM sends SIGUSR1 (sbatch --signal) before the time limit and SIGTERM on preemption
+
+    def on_signal(signum, frame):  # finish the step, write last.pt, exit with EXIT_INTERRUPTED
+        signals.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
 
     # -------------------------------------------------------------------------------- the training loop
     batches = micro_batches(train_ds, cfg, epoch, epoch_step, rank, world_size, pin_memory=device_type == "cuda")
@@ -297,6 +302,9 @@ def main(argv=None):
     loss_sum, grad_norm = torch.zeros((), device=device), torch.zeros(())
     t_log, step_log = time.time(), step
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    stop = False
+    if step >= cfg.max_steps:
+        log(f"the run is complete ({step} steps): nothing to do; raise --max_steps to train on")
     while step < cfg.max_steps:
         lr = lr_at(step, cfg, cfg.max_steps)
         for group in optimizer.param_groups:

@@ -1,20 +1,24 @@
 """
-Training throughput on CPU: this project's GPT against Hugging Face's GPT2LMHeadModel, same shape,
-same run, same conditions (nanoGPT's "baby GPT": 6 layers, 6 heads, 384 wide, block 256, vocab 65,
-no dropout). One step = forward + backward + AdamW step on a batch of random tokens; the first
-steps are warmup and not timed. Both models get the same optimizer (AdamW, weight decay on matrices
-only), the same batch, the same thread count, no torch.compile.
+Training throughput on CPU: this project's GPT against Hugging Face's GPT2LMHeadModel of the same shape,
+in the same run and under the same conditions: nanoGPT's "baby GPT" (6 layers, 6 heads, 384 wide,
+block 256, vocab 65, no dropout), the same random batch, the same optimizer (torch AdamW, weight decay
+on matrices only, as configure_optimizers), the same threads, no torch.compile. One step = forward +
+backward + AdamW step; warmup steps are not timed.
 
-    python benchmarks/train_throughput.py [--batch_size 8] [--steps 5] [--threads N]
+    python benchmarks/train_throughput.py [--batch_size 8] [--steps 3] [--rounds 3] [--threads N]
 
-Prints tokens/s for each model and precision (fp32, and bf16 autocast where the CPU has native
-bf16) and the ratio ours / Hugging Face. Needs `pip install transformers` (not a runtime dependency).
+The models take turns (rounds) and each reports its best round: other processes on the machine can
+only slow a round down. Prints tokens/s for each model at each precision (fp32, and bf16 autocast
+where the CPU has native bf16) and the ratios to Hugging Face. Hugging Face is measured twice: with
+GPT2Config's default activation "gelu_new" (a Python-level formula, what GPT2LMHeadModel runs by
+default) and with "gelu_pytorch_tanh" (the fused kernel our MLP uses). Needs `pip install transformers`.
 """
 
 import argparse
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -25,72 +29,104 @@ from gpt import GPT, GPTConfig  # noqa: E402
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
 
 
-def ours():
-    return GPT(GPTConfig(**SHAPE, dropout=0.0))
-
-
 def hugging_face(activation):
     from transformers import GPT2Config, GPT2LMHeadModel
     config = GPT2Config(n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], n_embd=SHAPE["n_embd"],
-                        n_positions=SHAPE["block_size"], vocab_size=SHAPE["vocab_size"],
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function=activation)
+                        n_positions=SHAPE["block_size"], vocab_size=SHAPE["vocab_size"], bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        activation_function=activation)
     return GPT2LMHeadModel(config)
 
 
-def adamw(model):
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
+MODELS = {  # name -> constructor
+    "ours (rotary, default)": lambda: GPT(GPTConfig(**SHAPE)),
+    "ours (abs_emb: GPT-2's layout)": lambda: GPT(GPTConfig(**SHAPE, abs_emb=True)),
+    "HF GPT2LMHeadModel (gelu_new)": lambda: hugging_face("gelu_new"),
+    "HF GPT2LMHeadModel (gelu_pytorch_tanh)": lambda: hugging_face("gelu_pytorch_tanh"),
+}
 
 
-def tokens_per_second(model, dtype, args):
-    """Median tokens/s over args.steps timed training steps (after args.warmup untimed ones)."""
-    torch.manual_seed(0)
-    model.train()
-    optimizer = adamw(model)
-    B, T = args.batch_size, SHAPE["block_size"]
-    x = torch.randint(SHAPE["vocab_size"], (B, T))
-    y = torch.randint(SHAPE["vocab_size"], (B, T))
-    hf = not isinstance(model, GPT)
-    times = []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+def busy_cpu_seconds():
+    """CPU time all processes of the machine have used so far (Linux), to notice a busy machine."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
+class Trainer:
+    """One model, its optimizer and a fixed batch; .round() times args.steps steps."""
+
+    def __init__(self, make, args):
+        torch.manual_seed(0)
+        self.model = make().train()
+        self.hf = not isinstance(self.model, GPT)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))
+        self.x = torch.randint(SHAPE["vocab_size"], (args.batch_size, SHAPE["block_size"]))
+        self.y = torch.randint(SHAPE["vocab_size"], (args.batch_size, SHAPE["block_size"]))
+        self.args = args
+
+    def step(self, dtype):
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            # HF shifts labels inside the model, so it gets x as labels; same cost as ours with y
-            loss = model(input_ids=x, labels=x).loss if hf else model(x, y)[1]
+            # HF shifts the labels inside the model: it gets x as labels, the same work as ours with y
+            loss = self.model(input_ids=self.x, labels=self.x).loss if self.hf else self.model(self.x, self.y)[1]
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return B * T / sorted(times)[len(times) // 2]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def round(self, dtype):
+        """Tokens/s of one round: warmup steps, then the mean of args.steps timed steps."""
+        for _ in range(self.args.warmup):
+            self.step(dtype)
+        t0 = time.perf_counter()
+        for _ in range(self.args.steps):
+            self.step(dtype)
+        return self.args.steps * self.x.numel() / (time.perf_counter() - t0)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each round")
+    parser.add_argument("--rounds", type=int, default=3, help="each model's best round is reported")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
     import transformers
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, "
-          f"batch {args.batch_size} x block {SHAPE['block_size']}, {SHAPE}")
-    dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_bf16() else [])
-    if len(dtypes) == 1:
+    transformers.logging.set_verbosity_error()
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, batch "
+          f"{args.batch_size} x {SHAPE['block_size']} tokens, {SHAPE['n_layer']} layers, {SHAPE['n_head']} heads, "
+          f"{SHAPE['n_embd']} wide, vocab {SHAPE['vocab_size']}; best of {args.rounds} rounds of {args.steps} steps")
+    precisions = {"fp32": torch.float32}
+    if cpu_has_bf16():
+        precisions["bf16 autocast"] = torch.bfloat16
+    else:
         print("this CPU has no native bf16: fp32 only")
-    for dtype in dtypes:
-        name = "fp32" if dtype == torch.float32 else "bf16 autocast"
-        # GPT2Config's default activation "gelu_new" is a Python-level formula; "gelu_pytorch_tanh" is
-        # the fused kernel that our MLP uses: report both so the comparison is fair to HF
-        ref = {act: tokens_per_second(hugging_face(act), dtype, args) for act in ("gelu_new", "gelu_pytorch_tanh")}
-        ours_tps = tokens_per_second(ours(), dtype, args)
-        best_ref = max(ref.values())
-        print(f"{name:14s} ours {ours_tps:8.0f} tok/s | HF gelu_new {ref['gelu_new']:8.0f} tok/s | "
-              f"HF gelu_pytorch_tanh {ref['gelu_pytorch_tanh']:8.0f} tok/s | "
-              f"ours/HF {ours_tps / ref['gelu_new']:.2f}x (default HF), {ours_tps / best_ref:.2f}x (fastest HF)")
+    busy0, t0 = busy_cpu_seconds(), time.time()
+    for precision, dtype in precisions.items():
+        trainers = {name: Trainer(make, args) for name, make in MODELS.items()}
+        best = dict.fromkeys(trainers, 0.0)
+        for _ in range(args.rounds):  # take turns, so that a busy moment does not hit one model only
+            for name, trainer in trainers.items():
+                best[name] = max(best[name], trainer.round(dtype))
+        hf_default, hf_tanh = best["HF GPT2LMHeadModel (gelu_new)"], best["HF GPT2LMHeadModel (gelu_pytorch_tanh)"]
+        print(f"\n{precision}:{'tokens/s':>33} {'/ HF gelu_new':>14} {'/ HF tanh':>10}")
+        for name, tokens_per_sec in best.items():
+            print(f"  {name:38s} {tokens_per_sec:7.0f} {tokens_per_sec / hf_default:13.2f}x {tokens_per_sec / hf_tanh:9.2f}x")
+        del trainers
+    busy1 = busy_cpu_seconds()
+    if busy0 is not None:
+        ours = time.process_time()
+        others = (busy1 - busy0) - ours
+        print(f"\nother processes used {max(0.0, others):.0f} CPU-s during these {time.time() - t0:.0f} s"
+              + (" (a busy machine: figures may be low and noisy)" if others > 0.05 * (time.time() - t0) else ""))
 
 
 if __name__ == "__main__":

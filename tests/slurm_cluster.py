@@ -2,7 +2,7 @@
 A real, private, single-node Slurm cluster for the tests of slurm/ (tests/test_slurm.py).
 
     with SlurmCluster() as cluster:           # installs Slurm if needed, starts munged, slurmctld, slurmd
-        job = cluster.sbatch("slurm/train.job", "--max_steps", "50", options=["--partition=cpu"])
+        job = cluster.sbatch("slurm/train.job", "--max_steps", "50", options=["--partition=cpu", "--gpus=0"])
         cluster.wait_state(job, "COMPLETED")
         print(cluster.diagnostics(job))       # daemon logs and the job's output, for assertion messages
 
@@ -72,6 +72,14 @@ def free_ports(n):
             s.close()
 
 
+def resolves(name):
+    try:
+        socket.gethostbyname(name)
+        return True
+    except OSError:
+        return False
+
+
 def tail(path, n=60):
     try:
         with open(path, errors="replace") as f:
@@ -89,7 +97,10 @@ class SlurmCluster:
         self.partition = partition
         self.cred_expire = cred_expire
         self.conf = os.path.join(self.root, "slurm.conf")
-        self.hostname = socket.gethostname().split(".")[0]  # what slurmd calls this node (hostname -s)
+        self.hostname = socket.gethostname().split(".")[0]  # hostname -s: slurmctld must run on SlurmctldHost
+        # the node's name, which jobs see (SLURM_JOB_NODELIST) and may connect to (the multi-node job's
+        # rendezvous): this host's short name if it resolves, as on a real cluster, else localhost
+        self.node_name = self.hostname if resolves(self.hostname) else "localhost"
         self.daemons = {}  # name -> Popen, in start order
         self.env = dict(os.environ, SLURM_CONF=self.conf)
         for name in list(self.env):  # we may run inside a Slurm job ourselves: not that job's settings
@@ -114,8 +125,8 @@ class SlurmCluster:
             self._start_daemon("slurmctld", ["slurmctld", "-D", "-i", "-f", self.conf])
             self._wait(lambda: self.scontrol("ping", check=False).stdout.count("UP") > 0, timeout,
                        "slurmctld answering `scontrol ping`")
-            self._start_daemon("slurmd", ["slurmd", "-D", "-f", self.conf, "-N", self.hostname])
-            self._wait(lambda: self.node_state().startswith("IDLE"), timeout, f"node {self.hostname} IDLE")
+            self._start_daemon("slurmd", ["slurmd", "-D", "-f", self.conf, "-N", self.node_name])
+            self._wait(lambda: self.node_state().startswith("IDLE"), timeout, f"node {self.node_name} IDLE")
         except BaseException as e:
             report = self.diagnostics()
             self.stop()
@@ -132,7 +143,7 @@ class SlurmCluster:
         if hardware.returncode != 0 or node_line is None:
             raise SlurmError(f"`slurmd -C` failed: {hardware.stdout}{hardware.stderr}")
         # the real CPUs and memory of this machine, under its short host name, reached on the loopback
-        node_line = re.sub(r"^NodeName=\S+", f"NodeName={self.hostname} NodeAddr=127.0.0.1", node_line)
+        node_line = re.sub(r"^NodeName=\S+", f"NodeName={self.node_name} NodeAddr=127.0.0.1", node_line)
         ctld_port, slurmd_port = free_ports(2)
         r = self.root
         self.munge_socket = os.path.join(r, "munge", "munge.socket")
@@ -175,7 +186,7 @@ SlurmdTimeout=60
 SlurmctldTimeout=60
 InactiveLimit=0
 {node_line} State=UNKNOWN
-PartitionName={self.partition} Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP
+PartitionName={self.partition} Nodes={self.node_name} Default=YES MaxTime=INFINITE State=UP
 """
         with open(self.conf, "w") as f:
             f.write(config)
@@ -279,7 +290,7 @@ PartitionName={self.partition} Nodes={self.hostname} Default=YES MaxTime=INFINIT
         return self.run("squeue", "-h", "-o", fmt, check=check).stdout
 
     def node_state(self):
-        result = self.run("sinfo", "-h", "-N", "-n", self.hostname, "-o", "%T", check=False)
+        result = self.run("sinfo", "-h", "-N", "-n", self.node_name, "-o", "%T", check=False)
         return result.stdout.strip().upper() if result.returncode == 0 else ""
 
     def sbatch(self, script, *args, options=(), env=None, cwd=None):

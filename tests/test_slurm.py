@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from slurm_cluster import SlurmCluster, apt_install  # tests/slurm_cluster.py
+from slurm_cluster import SlurmCluster, apt_install, free_ports  # tests/slurm_cluster.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(os.path.join("slurm", f) for f in os.listdir(os.path.join(ROOT, "slurm"))
@@ -119,6 +119,51 @@ def assert_bitwise_equal(a, b, what):
     assert a.keys() == b.keys() and not diff, f"{what}: parameters differ (max abs difference {diff})"
 
 
+class Reference:
+    """The same training run directly (no Slurm, no interruption), in the background: the run to compare with."""
+
+    def __init__(self, command, cwd, out_dir):
+        self.out_dir, self.stderr = str(out_dir), ""
+        env = dict(os.environ, OMP_NUM_THREADS="1")  # the threads the jobs get (--cpus-per-task per process)
+        self.process = subprocess.Popen([*command, "--out_dir", self.out_dir], cwd=cwd, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def params(self, timeout=180):
+        """(step, parameters) of its last.pt, once it has finished."""
+        if self.process.returncode is None:
+            _, self.stderr = self.process.communicate(timeout=timeout)
+        assert self.process.returncode == 0, f"the reference run failed:\n{self.stderr[-3000:]}"
+        return params(self.out_dir)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def preempt_and_finish(cluster, job, run_dir, files, max_steps):
+    """Once the job is mid-run (its first evaluation is logged, no checkpoint yet), send its batch script the
+    signal Slurm sends before a time limit. The job must ask the training to save, requeue itself, wait
+    (Slurm holds a requeued job a few seconds), resume from the checkpoint and finish. Its scontrol info."""
+    log = os.path.join(run_dir, "train.log")
+    wait_for_line(log, r"step 50: train loss", 120, cluster, job)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    info = finish(cluster, job, [*files, log])
+    why = report(cluster, job, *files, log)
+    assert info["Restarts"] == "1", why
+    out = read(files[0])
+    assert "got SIGUSR1" in out and "requeueing the job" in out and "restart 1" in out, why
+    stopped = re.search(r"stopped by SIG\w+ at step (\d+); last\.pt written", read(log))
+    resumed = re.search(r"resuming \S+last\.pt at step (\d+)", read(log))
+    assert stopped and resumed and stopped.group(1) == resumed.group(1), why
+    assert 50 <= int(stopped.group(1)) < max_steps, why
+    return info
+
+
+def output_files(workdir, name, job):
+    return [str(workdir / f"slurm-{name}-{job}.{ext}") for ext in ("out", "err")]
+
+
 # ---------------------------------------------------------------------------------------------- one GPU
 
 @pytest.fixture(scope="module")
@@ -126,7 +171,7 @@ def train_job(cluster, workdir):
     """train.job on the CPU partition, uninterrupted: (job id, its info, run folder, .out, .err)."""
     job = cluster.sbatch("slurm/train.job", *TINY, "--max_steps", "40", "--eval_interval", "20",
                          options=CPU_ONE, env=job_env(cluster), cwd=workdir)
-    out, err = (str(workdir / f"slurm-train-{job}.{ext}") for ext in ("out", "err"))
+    out, err = output_files(workdir, "train", job)
     info = finish(cluster, job, [out, err])
     return job, info, str(workdir / "runs" / f"train-{job}"), out, err
 
@@ -157,7 +202,7 @@ def test_generate_job_samples_from_the_trained_run(cluster, workdir, train_job):
     run_dir = os.path.relpath(train_job[2], workdir)
     job = cluster.sbatch("slurm/generate.job", "--checkpoint", run_dir, "--prompt", "to be", "--max_new_tokens",
                          "40", "--device", "cpu", options=CPU_ONE, env=job_env(cluster), cwd=workdir)
-    out, err = (str(workdir / f"slurm-generate-{job}.{ext}") for ext in ("out", "err"))
+    out, err = output_files(workdir, "generate", job)
     finish(cluster, job, [out, err], timeout=120)
     # the sample: the prompt and 40 characters, between generate.py's separator and the job's last line
     sample = re.search(r"-+ sample 1 of 1 -+\n(.*)\n\d{4}-\d\d-\d\d [\d:]+ job \d+: generate.py exited with code 0",
@@ -168,38 +213,17 @@ def test_generate_job_samples_from_the_trained_run(cluster, workdir, train_job):
 
 def test_train_job_preempted_requeues_itself_and_resumes_bitwise(cluster, workdir, tmp_path):
     args = [*TINY, "--max_steps", "300", "--eval_interval", "50", "--checkpoint_interval", "1000"]
-    # the reference: the same training uninterrupted, run directly, at the same time, with the same threads
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    reference = subprocess.Popen([sys.executable, "train.py", *args, "--out_dir", str(tmp_path / "reference")],
-                                 cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reference = Reference([sys.executable, "train.py", *args], workdir, tmp_path / "reference")
     try:
         job = cluster.sbatch("slurm/train.job", *args, options=CPU_ONE, env=job_env(cluster), cwd=workdir)
         run_dir = str(workdir / "runs" / f"train-{job}")
-        out, err = (str(workdir / f"slurm-train-{job}.{ext}") for ext in ("out", "err"))
-        log = os.path.join(run_dir, "train.log")
-        # mid-run (the first evaluation is logged; no checkpoint yet), Slurm sends the batch script the
-        # signal it sends before a time limit; the job must save, requeue itself, wait, resume and finish
-        wait_for_line(log, r"step 50: train loss", 120, cluster, job)
-        cluster.run("scancel", "--signal=USR1", "--batch", job)
-        info = finish(cluster, job, [out, err, log])
-        _, reference_err = reference.communicate(timeout=120)
-        assert reference.returncode == 0, reference_err[-3000:]
+        preempt_and_finish(cluster, job, run_dir, output_files(workdir, "train", job), 300)
+        step, resumed = params(run_dir)
+        reference_step, uninterrupted = reference.params()
     finally:
-        if reference.poll() is None:
-            reference.kill()
-            reference.wait()
-    why = report(cluster, job, out, err, log)
-    assert info["Restarts"] == "1", why
-    text = read(out)
-    assert "got SIGUSR1" in text and "requeueing the job" in text and "restart 1" in text, why
-    stopped = re.search(r"stopped by SIG\w+ at step (\d+); last\.pt written", read(log))
-    resumed = re.search(r"resuming \S+last\.pt at step (\d+)", read(log))
-    assert stopped and resumed and stopped.group(1) == resumed.group(1), why
-    assert 50 <= int(stopped.group(1)) < 300, why
-    step, resumed_params = params(run_dir)
-    reference_step, reference_params = params(str(tmp_path / "reference"))
-    assert step == reference_step == 300, why
-    assert_bitwise_equal(resumed_params, reference_params, "preempted job vs uninterrupted run")
+        reference.kill()
+    assert step == reference_step == 300
+    assert_bitwise_equal(resumed, uninterrupted, "preempted job vs uninterrupted run")
 
 
 # ---------------------------------------------------------------------------------------- several processes
@@ -209,46 +233,48 @@ MULTI = [*TINY, "--batch_size", "4", "--max_steps", "300", "--eval_interval", "5
 
 
 @pytest.fixture(scope="module")
-def multigpu_job(cluster, workdir):
-    """train_multigpu.job with 2 CPU processes (torchrun, DDP over gloo), uninterrupted."""
+def ddp_reference(workdir, tmp_path_factory):
+    """The 2-process training of the multi-process jobs, run directly with torchrun (gloo), uninterrupted."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+               *MULTI]
+    reference = Reference(command, workdir, tmp_path_factory.mktemp("ddp") / "reference")
+    yield reference
+    reference.kill()
+
+
+def test_multigpu_job_runs_two_processes_preempted_and_resumes_bitwise(cluster, workdir, ddp_reference):
+    """train_multigpu.job with 2 CPU processes (torchrun --standalone, DDP over gloo): preempted, torchrun
+    passes the SIGTERM on to both processes, process 0 writes last.pt, the job requeues itself and ends
+    with the parameters of the uninterrupted run."""
     job = cluster.sbatch("slurm/train_multigpu.job", *MULTI, options=CPU_NODE,
                          env=job_env(cluster, NPROC_PER_NODE="2"), cwd=workdir)
-    out, err = (str(workdir / f"slurm-train-multigpu-{job}.{ext}") for ext in ("out", "err"))
-    info = finish(cluster, job, [out, err])
-    return job, info, str(workdir / "runs" / f"train-multigpu-{job}"), out, err
+    run_dir = str(workdir / "runs" / f"train-multigpu-{job}")
+    files = output_files(workdir, "train-multigpu", job)
+    preempt_and_finish(cluster, job, run_dir, files, 300)
+    assert "2 processes x 1 threads" in read(files[0]), report(cluster, job, *files)
+    assert "cpu fp32 x 2 | global batch 8 x 32" in read(os.path.join(run_dir, "train.log")), \
+        report(cluster, job, *files)
+    step, resumed = params(run_dir)
+    reference_step, uninterrupted = ddp_reference.params()
+    assert step == reference_step == 300
+    assert_bitwise_equal(resumed, uninterrupted, "preempted multigpu job vs uninterrupted torchrun")
 
 
-def test_multigpu_job_runs_two_processes_with_gloo(cluster, multigpu_job):
-    job, info, run_dir, out, err = multigpu_job
-    why = report(cluster, job, out, err)
-    assert info["Restarts"] == "0", why
-    assert "2 processes x 1 threads" in read(out), why
-    assert "cpu fp32 x 2 | global batch 8 x 32" in read(os.path.join(run_dir, "train.log")), why
-    step, _ = params(run_dir)
-    assert step == 300, why
-
-
-def test_multinode_job_preempted_resumes_like_the_uninterrupted_multigpu_run(cluster, workdir, multigpu_job):
+def test_multinode_job_preempted_resumes_bitwise(cluster, workdir, ddp_reference):
     """train_multinode.job (srun + torchrun, c10d rendezvous on the first node; here the only one) with the
-    same 2 processes: preempted, it requeues itself and ends with the multigpu job's exact parameters."""
+    same 2 processes: preempted, Slurm signals every process of the srun step (scancel --signal=TERM), the
+    job requeues itself and ends with the parameters of the uninterrupted run."""
+    # RDZV_PORT: the script's override of its rendezvous port, here one that is free right now
     job = cluster.sbatch("slurm/train_multinode.job", *MULTI, options=["--nodes=1", *CPU_NODE],
-                         env=job_env(cluster, NPROC_PER_NODE="2"), cwd=workdir)
+                         env=job_env(cluster, NPROC_PER_NODE="2", RDZV_PORT=str(free_ports(1)[0])), cwd=workdir)
     run_dir = str(workdir / "runs" / f"train-multinode-{job}")
-    out, err = (str(workdir / f"slurm-train-multinode-{job}.{ext}") for ext in ("out", "err"))
-    log = os.path.join(run_dir, "train.log")
-    wait_for_line(log, r"step 50: train loss", 120, cluster, job)
-    cluster.run("scancel", "--signal=USR1", "--batch", job)
-    info = finish(cluster, job, [out, err, log])
-    why = report(cluster, job, out, err, log)
-    assert info["Restarts"] == "1", why
-    assert "rendezvous" in read(out) and "requeueing the job" in read(out), why
-    stopped = re.search(r"stopped by SIG\w+ at step (\d+); last\.pt written", read(log))
-    resumed = re.search(r"resuming \S+last\.pt at step (\d+)", read(log))
-    assert stopped and resumed and stopped.group(1) == resumed.group(1) and int(stopped.group(1)) < 300, why
-    step, resumed_params = params(run_dir)
-    reference_step, reference_params = params(multigpu_job[2])
-    assert step == reference_step == 300, why
-    assert_bitwise_equal(resumed_params, reference_params, "preempted multinode job vs uninterrupted multigpu job")
+    files = output_files(workdir, "train-multinode", job)
+    preempt_and_finish(cluster, job, run_dir, files, 300)
+    assert "1 nodes x 2 processes x 1 threads, rendezvous" in read(files[0]), report(cluster, job, *files)
+    step, resumed = params(run_dir)
+    reference_step, uninterrupted = ddp_reference.params()
+    assert step == reference_step == 300
+    assert_bitwise_equal(resumed, uninterrupted, "preempted multinode job vs uninterrupted torchrun")
 
 
 # ---------------------------------------------------------------------------------------------- the scripts
