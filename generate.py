@@ -17,7 +17,7 @@ import torch
 
 from cfg import parse_sample_config
 from dataset import DataError, GPT2Tokenizer, atomic_write, read_text, tokenizer_from_dict
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, pretrained_folder
 
 SEPARATOR = "\n" + "-" * 30 + " sample {i} of {n} " + "-" * 30 + "\n"
 
@@ -37,8 +37,8 @@ def checkpoint_path(source):
 def load_model(cfg):
     """-> (model in eval mode on cfg.device, tokenizer)."""
     if cfg.pretrained:
-        model = GPT.from_pretrained(cfg.pretrained)
-        folder = cfg.pretrained if os.path.isdir(cfg.pretrained) else None
+        folder = pretrained_folder(cfg.pretrained)  # the weights and the BPE files
+        model = GPT.from_pretrained(folder)
         tokenizer = GPT2Tokenizer(folder)
     else:
         path = checkpoint_path(cfg.checkpoint)

@@ -167,9 +167,9 @@ class KVCache:
     def update(self, k, v):
         """Append k, v (B, nh, T, hs) -> the keys and values of every position so far (B, nh, length, hs)."""
         start, self.length = self.length, self.length + k.size(2)
-        self.k[:, :, start:self.length] = k
-        self.v[:, :, start:self.length] = v
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+        self.k.narrow(2, start, k.size(2)).copy_(k)  # narrow + copy_: cheaper than slice assignment per token
+        self.v.narrow(2, start, v.size(2)).copy_(v)
+        return self.k.narrow(2, 0, self.length), self.v.narrow(2, 0, self.length)
 
 
 class CausalSelfAttention(nn.Module):
@@ -232,6 +232,7 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(k, v)  # (B, nh, offset + T, hs)
+            q = q.to(k.dtype)  # the cache may hold fp32 for a bf16 model (see GPT.stream)
         if self.use_flash_attn and offset > 0:
             # cached decoding: the T queries are the last positions, so the causal mask is offset
             # (is_causal would align it to the first key); a single query may see every key
@@ -250,6 +251,7 @@ class CausalSelfAttention(nn.Module):
             # TODO: apply self.attn_dropout to att, then take the weighted sum of values: att @ v -> (B, nh, T, hs)
             y = self.attn_dropout(att) @ v
             # END SOLUTION
+        y = y.to(x.dtype)  # back from the cache's dtype; a no-op without one
         # BEGIN SOLUTION attn_out
         # TODO: put the heads side by side again: transpose y to (B, T, nh, hs), make it contiguous and
         # TODO: view it as (B, T, C); then project with self.c_proj and apply self.resid_dropout. -> (B, T, C)
@@ -372,7 +374,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir, dropout=0.0):
         """OpenAI's GPT-2 from Hugging Face weights: a name in GPT2_NAMES (downloaded once into the Hugging
         Face cache) or a local folder with config.json and model.safetensors (or a sharded index)."""
-        folder = _pretrained_folder(name_or_dir)
+        folder = pretrained_folder(name_or_dir)
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             hf = json.load(f)
         if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
@@ -430,11 +432,13 @@ class GPT(nn.Module):
         cache would change the result."""
         block_size = self.config.block_size
         weight = self.lm_head.weight
+        restore = _pack_linears(self)
         if kv_cache:
             hs = self.config.n_embd // self.config.n_head
             for block in self.transformer.h:
-                block.attn.kv_cache = KVCache(idx.size(0), self.config.n_head, block_size, hs,
-                                              weight.device, weight.dtype)
+                # on CPU, attention over the cache runs faster in fp32 than in bf16/fp16 (and is more exact)
+                dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
+                block.attn.kv_cache = KVCache(idx.size(0), self.config.n_head, block_size, hs, weight.device, dtype)
         try:
             new = idx[:, -block_size:]  # what the next forward has to process
             for _ in range(max_new_tokens):
@@ -448,8 +452,38 @@ class GPT(nn.Module):
                 new = next_token if kv_cache else idx[:, -block_size:]
                 yield next_token
         finally:
+            restore()
             for block in self.transformer.h:
                 block.attn.kv_cache = None
+
+
+PACK_MAX_BYTES = 2 ** 31  # a packed copy doubles the weights' memory: not for the largest GPT-2s
+
+
+def _pack_linears(model):
+    """Speed up generation on CPU: every nn.Linear multiplies with a copy of its weight prepacked for
+    oneDNN (a blocked layout made for it; the same kernels torch.compile uses on CPU). Decoding is one
+    token per step, matrix-vector products that read every weight once, and the packed layout reads
+    them about 1.4x faster. Only on CPU in fp32 or bf16, outside autocast and for models under
+    PACK_MAX_BYTES; elsewhere nothing changes. Returns the function that undoes it."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    w = linears[0].weight
+    bf16_ok = w.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if (w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or not bf16_ok
+            or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu")
+            or size > PACK_MAX_BYTES):
+        return lambda: None
+    for m in linears:
+        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, 1)  # 1: a batch-size hint
+        # an instance attribute shadows the class's forward until it is deleted
+        m.forward = lambda x, packed=packed, bias=m.bias: torch.ops.mkldnn._linear_pointwise(
+            x, packed, bias, "none", [], "")
+
+    def restore():
+        for m in linears:
+            del m.forward
+    return restore
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -493,7 +527,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-def _pretrained_folder(name_or_dir):
+def pretrained_folder(name_or_dir):
     """A local folder as it is; a GPT-2 name through huggingface_hub (its cache, else one download)."""
     if os.path.isdir(name_or_dir):
         if not os.path.isfile(os.path.join(name_or_dir, "config.json")):

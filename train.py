@@ -40,9 +40,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cfg import CPU_QUICK_RUN, EXIT_INTERRUPTED, parse_config
-from dataset import CharTokenizer, DataError, TextDataset, atomic_write, default_corpus, read_text, train_val_split
-from gpt import GPT, GPTConfig
+from cfg import CPU_QUICK_RUN, EXIT_INTERRUPTED, cpu_has_bf16, parse_config
+from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomic_write, default_corpus, read_text,
+                     tokenizer_from_dict, train_val_split)
+from gpt import GPT, GPTConfig, pretrained_folder
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
                    "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense tensor-core peaks, for MFU
@@ -114,7 +115,8 @@ def setup(argv):
     cfg = parse_config(argv)
     txt_file = cfg.txt_file or default_corpus(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
     stem = os.path.splitext(os.path.basename(txt_file))[0]
-    cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{stem}-{cfg.model_type}")  # stable: a requeued job resumes
+    model_name = os.path.basename(os.path.normpath(cfg.pretrained)) if cfg.pretrained else cfg.model_type
+    cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{stem}-{model_name}")  # stable: a requeued job resumes
     last_path = os.path.join(cfg.out_dir, "last.pt")
     resume = os.path.exists(last_path) if cfg.resume is None else cfg.resume
     if resume and not os.path.exists(last_path):
@@ -125,8 +127,24 @@ def setup(argv):
             ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"cannot read {last_path} ({type(e).__name__}); delete it or pass --no-resume") from None
+        if ckpt["config"].get("pretrained") != cfg.pretrained:
+            raise ValueError(f"{cfg.out_dir} holds a run with --pretrained {ckpt['config'].get('pretrained')}, not "
+                             f"{cfg.pretrained}; pass the same, another --out_dir, or --no-resume")
     text = read_text(txt_file)
-    tokenizer = CharTokenizer.from_dict(ckpt["tokenizer"]) if ckpt else CharTokenizer(text)
+    pretrained = None  # GPT-2 with its weights, when fine-tuning starts
+    if ckpt:
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+        model_config = GPTConfig.from_dict(ckpt["model_config"]) if cfg.pretrained else cfg.model_config(tokenizer.vocab_size)
+    elif cfg.pretrained:
+        folder = pretrained_folder(cfg.pretrained)
+        pretrained, tokenizer = GPT.from_pretrained(folder, dropout=cfg.dropout), GPT2Tokenizer(folder)
+        model_config = pretrained.config
+    else:
+        tokenizer = CharTokenizer(text)
+        model_config = cfg.model_config(tokenizer.vocab_size)
+    if cfg.block_size > model_config.block_size:
+        raise ValueError(f"--block_size {cfg.block_size} is more than {cfg.pretrained} can attend to "
+                         f"({model_config.block_size} positions); pass --block_size {model_config.block_size} or less")
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     splits = {}
     for name, part in zip(("training", "validation"), train_val_split(data, cfg.val_fraction)):
@@ -138,7 +156,6 @@ def setup(argv):
         prompt = tokenizer.encode(cfg.sample_prompt)
     except DataError as e:
         raise DataError(f"--sample_prompt: {e}") from None
-    model_config = cfg.model_config(tokenizer.vocab_size)
     saved = asdict(GPTConfig.from_dict(ckpt["model_config"])) if ckpt else None
     if ckpt and saved != asdict(model_config):
         diff = {k: (v, saved[k]) for k, v in asdict(model_config).items() if saved[k] != v}
@@ -153,12 +170,13 @@ def setup(argv):
     if cfg.epochs:
         cfg.max_steps = cfg.epochs * steps_per_epoch
     cfg.txt_file = txt_file
-    return cfg, ckpt, tokenizer, splits["training"], splits["validation"], prompt, model_config, steps_per_epoch
+    return cfg, ckpt, tokenizer, splits["training"], splits["validation"], prompt, model_config, pretrained, \
+        steps_per_epoch
 
 
 def main(argv=None):
     try:
-        cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, steps_per_epoch = setup(argv)
+        cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrained, steps_per_epoch = setup(argv)
     except ValueError as e:  # DataError is a ValueError too
         fail(e)
 
@@ -203,7 +221,7 @@ def main(argv=None):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # each process its own dropout; DDP copies process 0's initial weights
-    raw_model = GPT(model_config).to(device)  # the plain module: what checkpoints and sampling use
+    raw_model = (pretrained or GPT(model_config)).to(device)  # the plain module: what checkpoints and sampling use
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")  # fp16 needs loss scaling
     step, epoch, epoch_step, best_val_loss = 0, 0, 0, float("inf")
@@ -234,9 +252,10 @@ def main(argv=None):
         f"{model_config.n_embd} wide, {'absolute' if model_config.abs_emb else 'rotary'} positions) | {device} "
         f"{cfg.precision} x {world_size} | global batch {tokens_per_step // T} x {T} tokens | {cfg.max_steps} steps "
         f"= {cfg.max_steps / steps_per_epoch:.2f} epochs | {cfg.out_dir}")
-    if master and device_type == "cpu" and n_params > 5e6:
-        print(f"hint: this is the GPU configuration, hours on a CPU; a quick CPU run: "
-              f"python train.py {CPU_QUICK_RUN}", file=sys.stderr)
+    if master and device_type == "cpu" and n_params > 5e6 and not cfg.pretrained:
+        quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
+        print(f"hint: this is the GPU configuration, hours on a CPU; a quick CPU run: python train.py {quick}",
+              file=sys.stderr)
 
     # -------------------------------------------------------------------------------- evaluation and samples
     # a fixed set of validation windows (the same at every evaluation: comparable numbers), split over processes

@@ -5,7 +5,8 @@ and for Hugging Face `generate` on a GPT2LMHeadModel of the same shape, in fp32 
 
     python benchmarks/generate_speed.py [--repeats 3] [--threads N]
 
-Greedy decoding, so every run produces exactly 255 tokens; the best of --repeats runs is reported.
+Greedy decoding, so every run produces exactly 255 tokens. The three take turns for --repeats rounds and
+each reports its best round, so a busy machine weighs on all of them alike.
 Our model uses learned absolute positions here, the same architecture as GPT-2.
 """
 
@@ -23,19 +24,22 @@ SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
 NEW_TOKENS = 255
 
 
-def best_tokens_per_sec(generate, repeats):
-    generate()  # warm-up: allocator, kernels
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        generate()
-        best = min(best, time.perf_counter() - t0)
-    return NEW_TOKENS / best
+def best_tokens_per_sec(runs, repeats):
+    """runs: name -> function generating NEW_TOKENS tokens. They take turns, `repeats` rounds after a warm-up
+    one, and each keeps its best round: a busy machine slows some rounds down, and all runs alike."""
+    best = dict.fromkeys(runs, float("inf"))
+    for round in range(repeats + 1):
+        for name, generate in runs.items():
+            t0 = time.perf_counter()
+            generate()
+            if round:  # round 0 warms up the allocator and kernels
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: NEW_TOKENS / t for name, t in best.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds; each figure is its best round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -53,13 +57,13 @@ def main():
     for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
         ours.to(dtype)
         hf.to(dtype)
-        cached = best_tokens_per_sec(lambda: ours.generate(prompt, NEW_TOKENS, temperature=0), args.repeats)
-        uncached = best_tokens_per_sec(lambda: ours.generate(prompt, NEW_TOKENS, temperature=0, kv_cache=False),
-                                       args.repeats)
         with torch.no_grad():
-            reference = best_tokens_per_sec(lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS,
-                                                                min_new_tokens=NEW_TOKENS, do_sample=False,
-                                                                pad_token_id=0), args.repeats)
+            speed = best_tokens_per_sec({
+                "cached": lambda: ours.generate(prompt, NEW_TOKENS, temperature=0),
+                "uncached": lambda: ours.generate(prompt, NEW_TOKENS, temperature=0, kv_cache=False),
+                "hf": lambda: hf.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                          do_sample=False, pad_token_id=0)}, args.repeats)
+        cached, uncached, reference = speed["cached"], speed["uncached"], speed["hf"]
         name = str(dtype).replace("torch.", "")
         print(f"{name:<10}{cached:>12.0f}{uncached:>10.0f}{reference:>10.0f}{cached / reference:>10.2f}"
               f"{cached / uncached:>12.2f}")

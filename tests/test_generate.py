@@ -214,13 +214,69 @@ def test_cli_error_has_no_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_cli_pretrained_gpt2_folder(hf_gpt2, bpe_folder, tmp_path):
-    _, folder = hf_gpt2
-    model_dir = tmp_path / "gpt2"
-    shutil.copytree(folder, model_dir)
+@pytest.fixture(scope="module")
+def gpt2_dir(hf_gpt2, bpe_folder, tmp_path_factory):
+    """The small random GPT-2 with its BPE files: a complete local model folder in Hugging Face layout."""
+    folder = tmp_path_factory.mktemp("local") / "gpt2"
+    shutil.copytree(hf_gpt2[1], folder)
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy(os.path.join(bpe_folder, name), model_dir)
-    result = run_cli("--pretrained", str(model_dir), "--prompt", "Hello, my name is", "--max_new_tokens", "8",
+        shutil.copy(os.path.join(bpe_folder, name), folder)
+    return str(folder)
+
+
+def test_cli_pretrained_gpt2_folder(gpt2_dir):
+    result = run_cli("--pretrained", gpt2_dir, "--prompt", "Hello, my name is", "--max_new_tokens", "8",
                      "--num_samples", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Hello, my name is") == 2
+
+
+# ----------------------------------------------------------------------------- fine-tuning GPT-2 with train.py
+
+LETTER = "My dearest Juliet, every night I write to you of the moon and the garden.\n"
+
+
+def train_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def gpt2_loss(model, tokens):
+    x = torch.tensor([tokens[:-1]])
+    with torch.no_grad():
+        return model.eval()(x, torch.tensor([tokens[1:]]))[1].item()
+
+
+def test_fine_tune_pretrained_gpt2_then_sample(gpt2_dir, tmp_path):
+    text = tmp_path / "letters.txt"
+    text.write_text(LETTER * 40, encoding="utf-8")
+    out = tmp_path / "run"
+    result = train_cli("--pretrained", gpt2_dir, "--txt_file", str(text), "--out_dir", str(out), "--block_size", "16",
+                       "--batch_size", "4", "--max_steps", "30", "--warmup_steps", "5", "--learning_rate", "3e-3",
+                       "--dropout", "0", "--eval_interval", "30", "--eval_iters", "2", "--log_interval", "5",
+                       "--sample_length", "8", "--device", "cpu", "--precision", "fp32")
+    assert result.returncode == 0, result.stderr
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    # the checkpoint records GPT-2's BPE (and where its files are) and GPT-2's shape
+    assert ckpt["tokenizer"] == {"type": "gpt2", "folder": gpt2_dir} and ckpt["config"]["pretrained"] == gpt2_dir
+    assert ckpt["model_config"]["vocab_size"] == 50257 and ckpt["model_config"]["abs_emb"]
+    # fine-tuning lowered the loss on the text, by far
+    tokens = GPT2Tokenizer(gpt2_dir).encode(LETTER * 2)[:33]
+    tuned = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    tuned.load_state_dict(ckpt["model"])
+    before, after = gpt2_loss(GPT.from_pretrained(gpt2_dir), tokens), gpt2_loss(tuned, tokens)
+    assert after < before - 3, (before, after)
+    # generate.py picks the tokenizer up from the checkpoint
+    sampled = run_cli("--checkpoint", str(out), "--prompt", "My dearest", "--max_new_tokens", "6", "--temperature", "0")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "My dearest Juliet, every" in sampled.stdout  # greedy: the letter it was fine-tuned on
+
+
+def test_fine_tune_bad_options(gpt2_dir, tmp_path):
+    text = tmp_path / "letters.txt"
+    text.write_text(LETTER * 40, encoding="utf-8")
+    for args, message in [(["--pretrained", "gpt5"], "unknown pretrained model 'gpt5'"),
+                          (["--pretrained", gpt2_dir, "--block_size", "64"], "can attend to (32 positions)")]:
+        result = train_cli(*args, "--txt_file", str(text), "--out_dir", str(tmp_path / "run"), "--device", "cpu")
+        assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert not os.path.exists(tmp_path / "run")
