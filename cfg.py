@@ -29,7 +29,7 @@ MODEL_PRESETS = {  # --model_type -> shape; --n_layer / --n_head / --n_embd over
 # avx512_bf16 (3 layers, 4 heads, 192 wide; the manual attention path is faster than SDPA's CPU kernel here)
 CPU_QUICK_RUN = ("--model_type gpt-micro --n_layer 3 --n_embd 192 --block_size 96 --batch_size 16 --dropout 0 "
                  "--no-use_flash_attn --learning_rate 3e-3 --min_lr 3e-4 --warmup_steps 100 --max_steps 1150 "
-                 "--eval_interval 575 --precision bf16 --device cpu")
+                 "--eval_interval 1150 --precision bf16 --device cpu")
 
 
 def arg(default, help, group, **argparse_kwargs):

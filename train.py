@@ -175,6 +175,19 @@ def setup(argv):
 
 
 def main(argv=None):
+    # SLURM sends SIGUSR1 (sbatch --signal) before the time limit and SIGTERM on preemption; handled from the
+    # start, as SIGUSR1's default action would kill the process
+    signals, training = [], False
+
+    def on_signal(signum, frame):  # finish the step, write last.pt, exit with EXIT_INTERRUPTED
+        if not training:  # still setting up: nothing to save (every file is written atomically)
+            fail(f"interrupted by {signal.Signals(signum).name} before training started", code=EXIT_INTERRUPTED)
+        signals.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+
     try:
         cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrained, steps_per_epoch = setup(argv)
     except ValueError as e:  # DataError is a ValueError too
@@ -288,7 +301,7 @@ def main(argv=None):
         raw_model.train()
         return tokenizer.decode(out[0].tolist())
 
-    # -------------------------------------------------------------------------------- checkpoints and signals
+    # -------------------------------------------------------------------------------- checkpoints
     def checkpoint():
         """The whole training state; every process takes part (RNG states are gathered), process 0 writes."""
         rng = [None] * world_size
@@ -306,21 +319,13 @@ def main(argv=None):
         if master:
             save_atomic(state, os.path.join(cfg.out_dir, name))
 
-    signals = []  # SLURM sends SIGUSR1 (sbatch --signal) before the time limit and SIGTERM on preemption
-
-    def on_signal(signum, frame):  # finish the step, write last.pt, exit with EXIT_INTERRUPTED
-        signals.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-
-    for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, on_signal)
-
     # -------------------------------------------------------------------------------- the training loop
     batches = micro_batches(train_ds, cfg, epoch, epoch_step, rank, world_size, pin_memory=device_type == "cuda")
     sample_interval = cfg.sample_interval or cfg.eval_interval
     loss_sum, grad_norm = torch.zeros((), device=device), torch.zeros(())
     t_log, step_log = time.time(), step
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
+    training = True
     stop = False
     if step >= cfg.max_steps:
         log(f"the run is complete ({step} steps): nothing to do; raise --max_steps to train on")

@@ -22,7 +22,10 @@ RECIPE=$("$PYTHON" -c "from cfg import CPU_QUICK_RUN; print(CPU_QUICK_RUN)")
 # shellcheck disable=SC2086  # the recipe is a list of flags
 set -- --txt_file "$TXT_FILE" --out_dir "$OUT_DIR" --no-resume $RECIPE --log_interval 50 \
     --checkpoint_interval 100000 "$@"
-echo "python train.py $*"
+# OpenMP threads that spin between operations instead of sleeping: about 5% faster steps for a model this
+# small (its operations are short), at the price of idle cores showing busy
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-ACTIVE}
+echo "OMP_WAIT_POLICY=$OMP_WAIT_POLICY python train.py $*"
 
 start=$(date +%s%N)
 "$PYTHON" train.py "$@"
