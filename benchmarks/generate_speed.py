@@ -18,6 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cfg import cpu_has_bf16  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
@@ -49,9 +50,10 @@ def main():
     torch.manual_seed(0)
     ours = GPT(GPTConfig(**SHAPE, abs_emb=True, dropout=0.0)).eval()
     hf = GPT2LMHeadModel(GPT2Config(n_layer=6, n_head=6, n_embd=384, n_positions=256, vocab_size=65,
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+                                    bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    attn_pdrop=0.0)).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    bf16 = cpu_has_bf16()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {NEW_TOKENS} new tokens, batch 1")
     print(f"{'precision':<10}{'ours+cache':>12}{'ours':>10}{'HF':>10}{'cache/HF':>10}{'cache/ours':>12}")
     for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
@@ -68,7 +70,7 @@ def main():
         print(f"{name:<10}{cached:>12.0f}{uncached:>10.0f}{reference:>10.0f}{cached / reference:>10.2f}"
               f"{cached / uncached:>12.2f}")
     if not bf16:
-        print("bf16: not supported by this CPU")
+        print("bf16: this CPU has no native bf16")
 
 
 if __name__ == "__main__":
