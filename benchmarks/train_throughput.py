@@ -64,10 +64,8 @@ class Trainer:
         torch.manual_seed(0)
         self.model = make().train()
         self.hf = not isinstance(self.model, GPT)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), fused=True)
+        # our optimizer for both models (configure_optimizers only needs .parameters())
+        self.optimizer = GPT.configure_optimizers(self.model, 0.1, 1e-3, (0.9, 0.99), "cpu")
         self.x = torch.randint(SHAPE["vocab_size"], (args.batch_size, SHAPE["block_size"]))
         self.y = torch.randint(SHAPE["vocab_size"], (args.batch_size, SHAPE["block_size"]))
         self.args = args
