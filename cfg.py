@@ -204,15 +204,25 @@ def resolve_device(device):
     return device
 
 
+def cpu_flags():
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_bf16():
     """True when the CPU computes in bf16 natively (x86 avx512_bf16 / amx_bf16, ARM bf16). Without it,
     bf16 autocast on CPU runs in slow emulation, so we refuse it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_has_fp16():
+    """True when the CPU multiplies fp16 matrices natively (x86 avx512_fp16 / amx_fp16, ARM fphp). Without it,
+    PyTorch's fp16 matrix products on CPU (the backward pass's above all) take a slow generic path."""
+    return bool(cpu_flags() & {"avx512_fp16", "amx_fp16", "fphp"})
 
 
 def resolve_precision(precision, device):

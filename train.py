@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cfg import CPU_QUICK_RUN, EXIT_INTERRUPTED, cpu_has_bf16, parse_config
+from cfg import CPU_QUICK_RUN, EXIT_INTERRUPTED, cpu_has_bf16, cpu_has_fp16, parse_config
 from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomic_write, default_corpus, read_text,
                      tokenizer_from_dict, train_val_split)
 from gpt import GPT, GPTConfig, pretrained_folder
@@ -269,6 +269,10 @@ def main(argv=None):
         quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
         print(f"hint: this is the GPU configuration, hours on a CPU; a quick CPU run: python train.py {quick}",
               file=sys.stderr)
+    if master and device_type == "cpu" and cfg.precision == "fp16" and not cpu_has_fp16():
+        # fp16 stays allowed (it exercises the GradScaler path without a GPU), but nobody should wait for it
+        print("hint: this CPU has no native fp16, so fp16 training runs many times slower than fp32; "
+              "use --precision bf16 (on CPUs with native bf16) or fp32", file=sys.stderr)
 
     # -------------------------------------------------------------------------------- evaluation and samples
     # a fixed set of validation windows (the same at every evaluation: comparable numbers), split over processes

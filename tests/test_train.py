@@ -228,6 +228,7 @@ def test_fp16_saves_the_grad_scaler_and_bf16_runs_where_the_cpu_has_it(corpus, t
     fp16 = run(tiny(corpus, tmp_path / "fp16", "--max_steps", "10", "--precision", "fp16"))
     assert fp16.returncode == 0, fp16.stderr
     assert load(tmp_path / "fp16" / "last.pt")["scaler"]["scale"] > 0
+    assert ("hint: this CPU has no native fp16" in fp16.stderr) == (not cfg.cpu_has_fp16()), fp16.stderr
     bf16 = run(tiny(corpus, tmp_path / "bf16", "--max_steps", "10", "--precision", "bf16"))
     if cfg.cpu_has_bf16():
         assert bf16.returncode == 0, bf16.stderr
