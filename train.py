@@ -423,4 +423,15 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "RANK" not in os.environ:
+        sys.exit(main())
+    # A torchrun process leaves without the interpreter's teardown: DDP keeps PyTorch's gloo worker threads alive
+    # past destroy_process_group(), and one that frees a finished collective's tensors while the interpreter shuts
+    # down aborts the process (SIGABRT), turning a run that succeeded into a failed job.
+    try:
+        code = main()
+    except SystemExit as e:  # fail() and argparse
+        code = e.code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

@@ -247,7 +247,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(cor
     ckpts = {}
     for i, (name, (launcher, batch)) in enumerate(runs.items()):
         result = run(tiny(corpus, tmp_path / str(i), *args) + batch, launcher=launcher)
-        assert result.returncode == 0, f"{name}: {result.stderr[-2000:]}"
+        assert result.returncode == 0, f"{name} exited {result.returncode}:\n{result.stderr[:3000]}"
         ckpts[name] = load(tmp_path / str(i) / "last.pt")
     reference, *others = ckpts.values()
     for ckpt in others:
