@@ -142,13 +142,11 @@ def test_layernorm_by_hand(ref, monkeypatch):
     gpt = load("gpt")
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16) * 3 + 1
-    norms = [gpt.LayerNorm(16, bias=bias) for bias in (True, False)]
-    with torch.no_grad():
-        for ln in norms:
-            ln.weight.normal_(1.0, 0.3)
-            if ln.bias is not None:
-                ln.bias.normal_(0.0, 0.3)
-    expected = [F.layer_norm(x, (16,), ln.weight, ln.bias, 1e-5) for ln in norms]
+    weight, bias = torch.randn(16) * 0.3 + 1, torch.randn(16) * 0.3
+    norms = [gpt.LayerNorm(16, bias=True), gpt.LayerNorm(16, bias=False)]
+    norms[0].load_state_dict({"weight": weight, "bias": bias})
+    norms[1].load_state_dict({"weight": weight})
+    expected = [F.layer_norm(x, (16,), weight, bias, 1e-5), F.layer_norm(x, (16,), weight, None, 1e-5)]
     ref_ln = ref_model(ref).transformer.h[0].ln_1
     ref_ln.fused = False  # the hand-written path
 
@@ -156,10 +154,10 @@ def test_layernorm_by_hand(ref, monkeypatch):
         raise AssertionError("LayerNorm.forward calls F.layer_norm; compute it by hand (bonus) in TODO[layernorm]")
     monkeypatch.setattr(F, "layer_norm", forbidden)
     monkeypatch.setattr(torch, "layer_norm", forbidden)
-    for ln, want in zip(norms, expected):
+    for ln, want, b in zip(norms, expected, (bias, 0)):
         mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
-        formula = (x - mean) / torch.sqrt(var + 1e-5) * ln.weight + (0 if ln.bias is None else ln.bias)
-        assert_close(ln(x), formula, f"LayerNorm(bias={ln.bias is not None}) vs its formula", "layernorm")
+        formula = (x - mean) / torch.sqrt(var + 1e-5) * weight + b
+        assert_close(ln(x), formula, f"LayerNorm(bias={b is bias}) vs its formula", "layernorm")
         assert_close(ln(x), want, "LayerNorm vs F.layer_norm", "layernorm")
     assert_close(ref_ln(ref["x"]), ref["layernorm_out"], "LayerNorm vs the reference", "layernorm")
 
@@ -168,12 +166,12 @@ def test_layernorm_by_hand(ref, monkeypatch):
 def test_rmsnorm_matches_formula_and_torch(ref):
     gpt = load("gpt")
     x = torch.randn(2, 5, 16) * 3 + 1
+    weight = torch.randn(16) * 0.3 + 1
     rms = gpt.RMSNorm(16)
-    with torch.no_grad():
-        rms.weight.normal_(1.0, 0.3)
-    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * rms.weight
+    rms.load_state_dict({"weight": weight})
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
     assert_close(rms(x), expected, "RMSNorm vs its formula", "rmsnorm")
-    assert_close(rms(x), F.rms_norm(x, (16,), rms.weight, 1e-5), "RMSNorm vs F.rms_norm", "rmsnorm")
+    assert_close(rms(x), F.rms_norm(x, (16,), weight, 1e-5), "RMSNorm vs F.rms_norm", "rmsnorm")
     rms = gpt.RMSNorm(ref["config"]["n_embd"])
     rms.load_state_dict({"weight": ref["rmsnorm_weight"]})
     assert_close(rms(ref["x"]), ref["rmsnorm_out"], "RMSNorm vs the reference", "rmsnorm")

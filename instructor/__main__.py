@@ -4,6 +4,7 @@ Instructor commands, run from the repository's root:
     python -m instructor check                      prove the release right (5 steps, OK / FAIL each)
     python -m instructor release                    check, then write dist/student, dist/autograder(.zip)
     python -m instructor grade SUBMISSION [--out results.json] [--timeout 30] [--total-timeout 540]
+                                                    [--jail-user NAME]
     python -m instructor reference                  regenerate unittests_ref.pt from the solution
 
 Exit status: 0 on success, 1 when check fails, 2 on bad input (one line on stderr, no traceback).
@@ -14,7 +15,7 @@ import os
 import sys
 import tempfile
 
-from instructor import check, grade, release
+from instructor import check, grade, procs, release
 
 
 def run_check(args):
@@ -31,10 +32,15 @@ def run_release(args):
 
 
 def run_grade(args):
-    """Grade with a pristine folder built from this repository, as the autograder bundle would."""
+    """Grade with a pristine folder built from this repository, as the autograder bundle would; the
+    solution, the hidden tests and the repository's history are out of the jail's sight."""
+    procs.become_subreaper()  # what a dead runner leaves behind comes to us, to be killed
+    grade.SUBREAPER = True
+    solution = [os.path.join(release.ROOT, p) for p in release.STUDENT_MODULES + ("instructor", "tests", ".git", "dist")]
     with tempfile.TemporaryDirectory(prefix="pristine-") as pristine:
         release.write_tree(release.pristine_files(release.student_files()), pristine)
-        grade.grade(args.submission, pristine, args.out, args.timeout, args.total_timeout)
+        grade.grade(args.submission, pristine, args.out, args.timeout, args.total_timeout, user=args.jail_user,
+                    hidden=solution)
     return 0
 
 

@@ -18,7 +18,6 @@ one per CPU core.
 import concurrent.futures
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,14 +32,16 @@ SHOWN = 3  # failing tests named per region in the coverage table
 
 
 def graded_run(pristine, modules, select=None, trace=()):
-    """Grade the pristine folder with modules ({path: text}) written over it. -> grade.run_tests' triple."""
+    """Grade modules ({name: text}) as a submission against the pristine folder; the instructor's own code, so
+    the jail runs as this user. -> grade.run_tests' triple."""
     with tempfile.TemporaryDirectory(prefix="check-") as workdir:
-        shutil.copytree(pristine, workdir, dirs_exist_ok=True)
-        for path, text in modules.items():
-            os.makedirs(os.path.dirname(os.path.join(workdir, path)), exist_ok=True)
-            with open(os.path.join(workdir, path), "w", encoding="utf-8") as f:
+        submission, run = os.path.join(workdir, "submission"), os.path.join(workdir, "run")
+        os.mkdir(submission)
+        for name, text in modules.items():
+            with open(os.path.join(submission, name), "w", encoding="utf-8") as f:
                 f.write(text)
-        return grade.run_tests(workdir, TIMEOUT, select=select, trace=trace)
+        grade.prepare(pristine, submission, run)
+        return grade.run_tests(run, TIMEOUT, select=select, trace=trace)
 
 
 def import_error(student_dir):

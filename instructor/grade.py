@@ -1,40 +1,49 @@
 """
 Grading: the pristine graded tests run on a submission; points per test; Gradescope's results.json.
 
-    python -m instructor.grade SUBMISSION --pristine DIR [--out results.json] [--timeout 30] [--total-timeout 540]
+    python -m instructor.grade SUBMISSION --pristine DIR [--out results.json] [--timeout 30]
+                               [--total-timeout 540] [--jail-user NAME] [--hide PATH]...
 
 The autograder bundle calls this; in the instructor's repository use `python -m instructor grade`.
 DIR holds the graders' own copies of the test files (unittests.py, unittests_ref.pt, conftest.py,
-pytest.ini, hidden_tests.py) and the released version of every student module. A work folder gets all
-of them, then the student's modules (only those names, from SUBMISSION or its single sub-folder), so
-edited tests or extra files in a submission change nothing.
+pytest.ini, hidden_tests.py) and the released version of every student module. Intake takes from
+SUBMISSION (or its single sub-folder) only the student module names, only regular files (no links,
+devices or FIFOs) of at most MAX_FILE bytes; the released module stands in for each one missing.
 
-The tests run in a worker process (worker.py) that reports each test as it starts and finishes. When a
-test runs past its timeout, or the worker dies (a hang in native code, a crash, os._exit), the grader
-kills the worker and everything it started, records that test as failed and starts a new worker on the
-tests left: each hang costs its timeout, and every collected test appears in the report.
+The tests run in a trusted process (runner.py) that never runs student code: it asks the jail
+(jail.py) for values and checks them itself. It reports each test as it starts and finishes; the
+grader writes a report that fails every test as soon as the tests are collected, then the real one
+once every process of the run is gone. If the trusted process dies or runs out of time, the tests it
+did not finish fail and a new one goes on with the rest.
 """
 
 import argparse
 import json
 import os
-import shutil
+import pwd
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+from instructor import procs
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 TEST_FILES = ("unittests.py", "hidden_tests.py")  # graded in this order; hidden_tests.py is optional
 HIDDEN_FILES = ("hidden_tests.py",)  # their results are shown to students once grades are published
 INFRA = TEST_FILES + ("unittests_ref.pt", "conftest.py", "pytest.ini")  # never taken from a submission
 PYTEST_ARGS = ("-p", "no:cacheprovider", "-q", "--tb=short", "-c", "pytest.ini", "--rootdir", ".")
 TIMEOUT = 30.0  # seconds one test may run
 TOTAL_TIMEOUT = 540.0  # seconds for all tests: below Gradescope's default limit of 10 minutes
-IDLE_LIMIT = 120.0  # seconds the worker may spend outside any test (start-up: python, torch, collection)
+IDLE_LIMIT = 180.0  # seconds the runner may spend outside any test (start-up: python, torch, the jail)
+SLACK = 30.0  # seconds past a test's timeout before the grader stops the trusted process itself
+MAX_FILE = 1 << 20  # bytes of one submitted module
 POLL = 0.05
-LOG_TAIL = 1500  # characters of the worker's own output shown when it dies
+LOG_TAIL = 1500  # characters of the runner's own output shown when it dies
+SAME_USER = "same user"
+SUBREAPER = False  # True in the command line grader (main), which has no other children  # jail_user value: run student code as this process's user, without a warning
 
 
 class GradeError(Exception):
@@ -47,11 +56,35 @@ def student_modules(pristine):
 
 
 def submitted_folder(submission, modules):
-    """SUBMISSION itself, or its only sub-folder when the files were uploaded inside one."""
-    if any(os.path.isfile(os.path.join(submission, n)) for n in modules):
+    """SUBMISSION itself, or its only sub-folder (not a link) when the files were uploaded inside one."""
+    entries = list(os.scandir(submission))
+    if any(e.name in modules for e in entries):
         return submission
-    folders = [e.path for e in os.scandir(submission) if e.is_dir() and not e.name.startswith((".", "__"))]
+    folders = [e.path for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith((".", "__"))]
     return folders[0] if len(folders) == 1 else submission
+
+
+def intake(submission, modules):
+    """The student's modules: {name: bytes}, and {why: [names]} for the files left out."""
+    folder = submitted_folder(submission, modules)
+    taken, skipped = {}, {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        info = entry.stat(follow_symlinks=False)
+        if entry.name not in modules:
+            why = ("the grader uses its own copy" if entry.name in INFRA else
+                   None if entry.name.startswith(".") or stat.S_ISDIR(info.st_mode) else "not a module of the assignment")
+        elif not stat.S_ISREG(info.st_mode):
+            why = "not a regular file (links, devices and pipes are not read)"
+        elif info.st_size > MAX_FILE:
+            why = f"larger than {MAX_FILE:,} bytes"
+        else:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                taken[entry.name] = f.read(MAX_FILE + 1)[:MAX_FILE]
+            continue
+        if why:
+            skipped.setdefault(why, []).append(entry.name)
+    return taken, skipped
 
 
 def has_todos(path):
@@ -60,25 +93,34 @@ def has_todos(path):
 
 
 def prepare(pristine, submission, workdir):
-    """Fill workdir with the pristine files, then the student's modules. -> notes for the report."""
-    shutil.copytree(pristine, workdir, dirs_exist_ok=True)
+    """workdir/tests: the test files; workdir/modules: the released modules, then the student's. -> notes."""
     modules = student_modules(pristine)
-    folder = submitted_folder(submission, modules)
-    taken = [n for n in modules if os.path.isfile(os.path.join(folder, n))]
-    for name in taken:
-        shutil.copyfile(os.path.join(folder, name), os.path.join(workdir, name))
+    taken, skipped = intake(submission, modules)
+    os.makedirs(os.path.join(workdir, "tests"))
+    os.makedirs(os.path.join(workdir, "modules"))
+    for name in os.listdir(pristine):
+        source = os.path.join(pristine, name)
+        if os.path.isfile(source):
+            with open(source, "rb") as f:
+                data = f.read()
+            write_file(os.path.join(workdir, "modules" if name in modules else "tests", name), data)
+    for name, data in taken.items():
+        write_file(os.path.join(workdir, "modules", name), data)
     notes = [f"graded from the submission: {', '.join(taken) or 'no file'}"]
     with_todos = [n for n in modules if n not in taken and has_todos(os.path.join(pristine, n))]
     if with_todos:
         notes.append(f"not in the submission, graded as released (TODOs not done): {', '.join(with_todos)}")
-    ignored = sorted(n for n in os.listdir(folder) if n in INFRA)
-    if ignored:
-        notes.append(f"ignored, the grader uses its own copy: {', '.join(ignored)}")
+    notes += [f"ignored, {why}: {', '.join(names)}" for why, names in skipped.items()]
     return notes
 
 
+def write_file(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 class Events:
-    """Reads the JSON lines the worker appends, complete lines only."""
+    """Reads the JSON lines the runner appends, complete lines only."""
 
     def __init__(self, path):
         self.path, self.offset, self.partial = path, 0, b""
@@ -95,81 +137,95 @@ class Events:
 
 
 def kill(proc):
-    """SIGKILL the worker's whole process group (it runs in its own session): no signal handler,
-    no native code, no child process survives it."""
+    """SIGKILL the runner and every process under it (the command line grader is a subreaper: what
+    escaped from under a dead runner came to it)."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGSTOP)  # it starts nothing new while its tree is killed
+    except ProcessLookupError:
+        pass
+    procs.kill_tree(os.getpid() if SUBREAPER else proc.pid, keep={proc.pid})
+    try:
+        proc.kill()
     except ProcessLookupError:
         pass
     proc.wait()
 
 
 def log_tail(log, start):
-    """The end of what the worker printed since offset start."""
+    """The end of what the runner printed since offset start."""
     with open(log, "rb") as f:
         f.seek(max(start, os.path.getsize(log) - LOG_TAIL))
         return f.read().decode("utf-8", "replace").strip()
 
 
-def run_worker(workdir, args, events, log, timeout, deadline, env):
-    """One worker on `args`, watched. -> (its events, the test it was stopped in or None, why)."""
+def run_runner(workdir, args, events, log, timeout, deadline, on_collected):
+    """One runner on `args`, watched. -> (its events, the test it was stopped in or None, why)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=os.path.dirname(HERE))  # the grader's package only
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: threads only add overhead and noise
     with open(log, "ab") as out:
         log_start = out.tell()
-        proc = subprocess.Popen([sys.executable, WORKER, events.path, *args], cwd=workdir, env=env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "instructor.runner", events.path, *args],
+                                cwd=os.path.join(workdir, "tests"), env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     seen, current, since = [], None, time.monotonic()
     while True:
         code = proc.poll()  # polled before reading, so that no event written before an exit is missed
         for event in events.read():
             seen.append(event)
+            if "collected" in event:
+                on_collected(event["collected"])
             if "start" in event or "done" in event:
                 current, since = event.get("start"), time.monotonic()
         now = time.monotonic()
         if code is not None:
-            kill(proc)  # its leftover children
+            kill(proc)  # anything left under it
             if current is None:
-                return seen, None, f"the test process exited (code {code}) before it"
-            return seen, current, (f"the test process died during this test (exit code {code}); its last output:\n"
-                                   f"{log_tail(log, log_start)}")
+                return seen, None, f"the grader's test process exited (code {code}) before it"
+            return seen, current, (f"the grader's test process died during this test (exit code {code}); its last "
+                                   f"output:\n{log_tail(log, log_start)}")
         if now > deadline:
             kill(proc)
             return seen, current, "the grader's overall time limit ran out"
-        if current is not None and now - since > timeout:
+        if current is not None and now - since > timeout + SLACK:
             kill(proc)
             return seen, current, f"timed out: still running after {timeout:g} s, stopped"
         if current is None and now - since > IDLE_LIMIT:
             kill(proc)
-            return seen, None, f"the test process did nothing for {IDLE_LIMIT:g} s"
+            return seen, None, f"the grader's test process did nothing for {IDLE_LIMIT:g} s"
         time.sleep(POLL)
 
 
-def run_tests(workdir, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, select=None, trace=()):
-    """Run the tests of workdir (all of TEST_FILES, or the node ids in select) under the watchdog; with
-    trace (file names), record the lines each test executes in those files.
+def run_tests(workdir, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, select=None, trace=(), user=SAME_USER,
+              hidden=(), on_collected=lambda tests: None):
+    """Run the tests of workdir/tests (all of TEST_FILES, or the node ids in select) on workdir/modules,
+    student code in a jail run as user (SAME_USER: this process's user); with trace (file names), record
+    the lines each test executes in those files.
     -> (tests [{nodeid, points, todo}] in order, {nodeid: {passed, output[, lines]}}, problems [str])"""
     deadline = time.monotonic() + total_timeout
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # imports come from the work folder only
-    env.update(PYTHONDONTWRITEBYTECODE="1")
-    env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: threads only add overhead and noise
-    options = [*(["--trace", ",".join(trace)] if trace else []), *PYTEST_ARGS]
+    options = ["--modules", os.path.join(workdir, "modules"), "--timeout", str(timeout),
+               *(["--user", user] if user != SAME_USER else []), *[f"--hide={p}" for p in hidden],
+               *(["--trace", ",".join(trace)] if trace else []), *PYTEST_ARGS]
     tests, results, problems = None, {}, []
-    args = select or [n for n in TEST_FILES if os.path.exists(os.path.join(workdir, n))]
+    args = select or [n for n in TEST_FILES if os.path.exists(os.path.join(workdir, "tests", n))]
     with tempfile.TemporaryDirectory(prefix="grader-") as tmp:
-        events, log = Events(os.path.join(tmp, "events.jsonl")), os.path.join(tmp, "worker.log")
+        events, log = Events(os.path.join(tmp, "events.jsonl")), os.path.join(tmp, "runner.log")
         while args:
-            seen, stopped, why = run_worker(workdir, options + args, events, log, timeout, deadline, env)
+            seen, stopped, why = run_runner(workdir, options + args, events, log, timeout, deadline, on_collected)
             done_before = len(results)
             for event in seen:
                 if "collected" in event and tests is None:
                     tests = event["collected"]
                 elif "collect_error" in event:
                     problems.append(f"collection error: {event['collect_error']}")
+                elif "jail_error" in event:
+                    raise GradeError(event["jail_error"])
                 elif "done" in event:
                     results[event.pop("done")] = event
             if stopped is not None:
                 results[stopped] = {"passed": False, "output": why}
             if tests is None:
-                problems.append(f"the tests could not be collected ({why}); worker log:\n{log_tail(log, 0)}")
+                problems.append(f"the tests could not be collected ({why}); runner log:\n{log_tail(log, 0)}")
                 return [], results, problems
             args = [t["nodeid"] for t in tests if t["nodeid"] not in results]
             if args and (len(results) == done_before or time.monotonic() > deadline):
@@ -230,25 +286,78 @@ def print_table(result):
     print(result["output"])
 
 
-def grade(submission, pristine, out=None, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, quiet=False):
-    """Grade one submission folder against the pristine folder. -> the results.json object (also written to out)."""
+def jail_account(user):
+    """Who runs student code: user, `nobody` when root names none, else this user (with a warning)."""
+    if os.geteuid() == 0:
+        return user or "nobody"
+    if user is None:
+        me = pwd.getpwuid(os.getuid()).pw_name
+        print(f"warning: not root, so student code runs as you ({me}): it can read your files and tamper with "
+              f"the grade; grade as root for an unprivileged jail", file=sys.stderr)
+        return SAME_USER
+    return user
+
+
+def write_json(path, obj):
+    """Write obj to path atomically: a new temporary file beside it (never a name someone else made), fsync,
+    rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".results-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def failed_report(tests, why, notes=(), seconds=0):
+    """Every test failed with the same message: what stays if the grading never ends."""
+    return report(tests, {t["nodeid"]: {"passed": False, "output": why} for t in tests}, list(notes), seconds)
+
+
+def grade(submission, pristine, out=None, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, quiet=False, user=None,
+          hidden=()):
+    """Grade one submission folder against the pristine folder, student code run as user (see jail_account),
+    with hidden (and pristine) out of its sight. -> the results.json object (also written to out, last)."""
     if not os.path.isdir(submission):
         raise GradeError(f"submission folder {submission} does not exist or is not a folder")
+    user = jail_account(user)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="submission-") as workdir:
         notes = prepare(pristine, submission, workdir)
-        tests, results, problems = run_tests(workdir, timeout, total_timeout)
+
+        def on_collected(tests):
+            if out:
+                write_json(out, failed_report(tests, "not graded: the grader stopped before this test ended", notes))
+        tests, results, problems = run_tests(workdir, timeout, total_timeout, user=user,
+                                             hidden=[os.path.abspath(pristine), *hidden], on_collected=on_collected)
     result = report(tests, results, notes + problems, time.monotonic() - start)
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-        os.replace(out + ".tmp", out)
+        write_json(out, result)
     if not quiet:
         print_table(result)
     if not tests:
         raise GradeError("the graded tests could not run: " + "; ".join(problems))
     return result
+
+
+def collect(pristine):
+    """The graded tests of the pristine folder, collected without any student code. -> [{nodeid, ...}]"""
+    with tempfile.TemporaryDirectory(prefix="collect-") as workdir:
+        os.mkdir(os.path.join(workdir, "nothing"))
+        prepare(pristine, os.path.join(workdir, "nothing"), workdir)
+        with tempfile.TemporaryDirectory(prefix="grader-") as tmp:
+            events = Events(os.path.join(tmp, "events.jsonl"))
+            run_runner(workdir, ["--modules", os.path.join(workdir, "modules"), "--collect-only", *PYTEST_ARGS,
+                                 *[n for n in TEST_FILES if os.path.exists(os.path.join(workdir, "tests", n))]],
+                       events, os.path.join(tmp, "runner.log"), TIMEOUT, time.monotonic() + IDLE_LIMIT, lambda t: None)
+            return next((e["collected"] for e in events.read() if "collected" in e), [])
 
 
 def add_arguments(parser):
@@ -258,15 +367,27 @@ def add_arguments(parser):
                         help=f"seconds one test may run (default {TIMEOUT:g})")
     parser.add_argument("--total-timeout", type=float, default=TOTAL_TIMEOUT,
                         help=f"seconds for all tests together (default {TOTAL_TIMEOUT:g})")
+    parser.add_argument("--jail-user", help="the unprivileged user that runs student code when grading as root "
+                                            "(default: nobody)")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m instructor.grade", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("--pristine", required=True, help="folder with the graders' test files and released modules")
+    parser.add_argument("--hide", action="append", default=[], help="a path student code must not see (repeatable)")
+    parser.add_argument("--failed-report", metavar="WHY",
+                        help="only write a report to --out that fails every test with this message")
     args = parser.parse_args(argv)
+    global SUBREAPER
+    procs.become_subreaper()
+    SUBREAPER = True
     try:
-        grade(args.submission, args.pristine, args.out, args.timeout, args.total_timeout)
+        if args.failed_report is not None:
+            write_json(args.out, failed_report(collect(args.pristine), args.failed_report))
+        else:
+            grade(args.submission, args.pristine, args.out, args.timeout, args.total_timeout, user=args.jail_user,
+                  hidden=args.hide)
     except GradeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,7 +26,8 @@ GRADED_FILES = ("unittests.py", "unittests_ref.pt", "conftest.py")  # released a
 OTHER_FILES = ("requirements.txt", ".gitignore")
 FOLDERS = ("slurm", "data")  # what git tracks, or would, in them
 HIDDEN_TESTS = "instructor/hidden_tests.py"  # graded, never released
-GRADER_CODE = ("instructor/__init__.py", "instructor/grade.py", "instructor/worker.py")
+GRADER_CODE = tuple(f"instructor/{n}.py" for n in ("__init__", "grade", "runner", "jail", "jailed", "procs", "wire"))
+JAIL_USER = "student-code"  # the unprivileged account setup.sh creates on Gradescope
 OUTPUTS = ("student", "autograder", "autograder.zip")
 TORCH_PIN = "torch==2.13.0"
 
@@ -35,30 +36,50 @@ INSTRUCTOR_ONLY = "<!-- instructor-only -->"
 INSTRUCTOR_ONLY_END = "<!-- /instructor-only -->"
 
 SETUP_SH = f"""#!/usr/bin/env bash
-# Gradescope runs this once, when it builds the autograder image: the Python dependencies.
+# Gradescope runs this once, when it builds the autograder image: the Python dependencies, and the
+# unprivileged account that runs student code (JAIL_USER, default {JAIL_USER}).
 # PyPI's Linux torch is the CUDA build; for the smaller CPU build add
 #   --index-url https://download.pytorch.org/whl/cpu   to the first install.
 set -euo pipefail
 cd "$(dirname "$0")"
-if ! python3 -m pip --version >/dev/null 2>&1; then
+python="${{PYTHON:-python3}}"
+if ! "$python" -m pip --version >/dev/null 2>&1; then
     apt-get update && apt-get install -y python3 python3-pip
 fi
-python3 -m pip install --no-cache-dir {TORCH_PIN}
-python3 -m pip install --no-cache-dir -r requirements.txt
+"$python" -m pip install --no-cache-dir {TORCH_PIN}
+"$python" -m pip install --no-cache-dir -r requirements.txt
+user="${{JAIL_USER:-{JAIL_USER}}}"
+id -u "$user" >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user"
 """
 
-RUN_AUTOGRADER = """#!/usr/bin/env bash
-# Gradescope runs this for every submission: the pristine graded tests on the files of
-# /autograder/submission, points and messages into /autograder/results/results.json.
+RUN_AUTOGRADER = f"""#!/usr/bin/env bash
+# Gradescope runs this for every submission, as root: the pristine graded tests on the files of
+# /autograder/submission, points and messages into /autograder/results/results.json. Student code
+# runs as JAIL_USER (default {JAIL_USER}, made by setup.sh), which can read nothing of /autograder.
 # Limits: --timeout per test, --total-timeout for all (keep it below the assignment's autograder
 # timeout, 10 minutes by default, so that results.json is always written).
 # To try it elsewhere: AUTOGRADER_DIR (default /autograder, holding source/ and submission/),
-# PYTHON (default python3), GRADER_ARGS (replaces the limits below).
-set -euo pipefail
-root="${AUTOGRADER_DIR:-/autograder}"
-cd "$root/source"
-exec "${PYTHON:-python3}" -m instructor.grade "$root/submission" --pristine pristine \\
-    --out "$root/results/results.json" ${GRADER_ARGS:---timeout 30 --total-timeout 540}
+# PYTHON (default python3), JAIL_USER, GRADER_ARGS (replaces the limits below).
+set -uo pipefail
+root="${{AUTOGRADER_DIR:-/autograder}}"
+python="${{PYTHON:-python3}}"
+out="$root/results/results.json"
+cd "$root/source" || exit 1
+mkdir -p "$root/results"
+jail=()
+if [ "$(id -u)" = 0 ]; then
+    chmod -R go-rwx "$root/source" "$root/submission" "$root/results"
+    jail=(--jail-user "${{JAIL_USER:-{JAIL_USER}}}")
+fi
+# shellcheck disable=SC2086
+"$python" -m instructor.grade "$root/submission" --pristine pristine --out "$out" --hide "$root" "${{jail[@]}}" \\
+    ${{GRADER_ARGS:---timeout 30 --total-timeout 540}}
+status=$?
+if [ ! -s "$out" ]; then  # the grader died before the tests were listed: list them, every one failed
+    "$python" -m instructor.grade "$root/submission" --pristine pristine --out "$out" \\
+        --failed-report "not graded: the grader stopped (exit code $status) before this test ran"
+fi
+exit "$status"
 """
 
 
