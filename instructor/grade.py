@@ -2,7 +2,7 @@
 Grading: the pristine graded tests run on a submission; points per test; Gradescope's results.json.
 
     python -m instructor.grade SUBMISSION --pristine DIR [--out results.json] [--timeout 30]
-                               [--total-timeout 540] [--jail-user NAME] [--hide PATH]...
+                               [--total-timeout 540] [--jail-user NAME]
 
 The autograder bundle calls this; in the instructor's repository use `python -m instructor grade`.
 DIR holds the graders' own copies of the test files (unittests.py, unittests_ref.pt, conftest.py,
@@ -197,14 +197,14 @@ def run_runner(workdir, args, events, log, timeout, deadline, on_collected):
 
 
 def run_tests(workdir, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, select=None, trace=(), user=SAME_USER,
-              hidden=(), on_collected=lambda tests: None):
+              on_collected=lambda tests: None):
     """Run the tests of workdir/tests (all of TEST_FILES, or the node ids in select) on workdir/modules,
     student code in a jail run as user (SAME_USER: this process's user); with trace (file names), record
     the lines each test executes in those files.
     -> (tests [{nodeid, points, todo}] in order, {nodeid: {passed, output[, lines]}}, problems [str])"""
     deadline = time.monotonic() + total_timeout
     options = ["--modules", os.path.join(workdir, "modules"), "--timeout", str(timeout),
-               *(["--user", user] if user != SAME_USER else []), *[f"--hide={p}" for p in hidden],
+               *(["--user", user] if user != SAME_USER else []),
                *(["--trace", ",".join(trace)] if trace else []), *PYTEST_ARGS]
     tests, results, problems = None, {}, []
     args = select or [n for n in TEST_FILES if os.path.exists(os.path.join(workdir, "tests", n))]
@@ -220,6 +220,8 @@ def run_tests(workdir, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, select=None
                     problems.append(f"collection error: {event['collect_error']}")
                 elif "jail_error" in event:
                     raise GradeError(event["jail_error"])
+                elif "warning" in event and event["warning"] not in problems:
+                    print(f"warning: {event['warning']}", file=sys.stderr)
                 elif "done" in event:
                     results[event.pop("done")] = event
             if stopped is not None:
@@ -253,7 +255,7 @@ def report(tests, results, notes, seconds):
             "visibility": "after_published" if hidden else "visible",
             "tags": list(test["todo"]),
         })
-    score = sum(e["score"] for e in entries)
+    score = float(sum(e["score"] for e in entries))
     total = sum(e["max_score"] for e in entries)
     failed = sum(e["status"] == "failed" for e in entries)
     summary = f"score {score:g} / {total:g}: {len(entries) - failed} of {len(entries)} tests passed"
@@ -321,10 +323,9 @@ def failed_report(tests, why, notes=(), seconds=0):
     return report(tests, {t["nodeid"]: {"passed": False, "output": why} for t in tests}, list(notes), seconds)
 
 
-def grade(submission, pristine, out=None, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, quiet=False, user=None,
-          hidden=()):
-    """Grade one submission folder against the pristine folder, student code run as user (see jail_account),
-    with hidden (and pristine) out of its sight. -> the results.json object (also written to out, last)."""
+def grade(submission, pristine, out=None, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, quiet=False, user=None):
+    """Grade one submission folder against the pristine folder, student code run as user (see jail_account).
+    -> the results.json object (also written to out, last)."""
     if not os.path.isdir(submission):
         raise GradeError(f"submission folder {submission} does not exist or is not a folder")
     user = jail_account(user)
@@ -336,7 +337,7 @@ def grade(submission, pristine, out=None, timeout=TIMEOUT, total_timeout=TOTAL_T
             if out:
                 write_json(out, failed_report(tests, "not graded: the grader stopped before this test ended", notes))
         tests, results, problems = run_tests(workdir, timeout, total_timeout, user=user,
-                                             hidden=[os.path.abspath(pristine), *hidden], on_collected=on_collected)
+                                             on_collected=on_collected)
     result = report(tests, results, notes + problems, time.monotonic() - start)
     if out:
         write_json(out, result)
@@ -354,10 +355,10 @@ def collect(pristine):
         prepare(pristine, os.path.join(workdir, "nothing"), workdir)
         with tempfile.TemporaryDirectory(prefix="grader-") as tmp:
             events = Events(os.path.join(tmp, "events.jsonl"))
-            run_runner(workdir, ["--modules", os.path.join(workdir, "modules"), "--collect-only", *PYTEST_ARGS,
+            seen, _, _ = run_runner(workdir, ["--modules", os.path.join(workdir, "modules"), "--collect-only", *PYTEST_ARGS,
                                  *[n for n in TEST_FILES if os.path.exists(os.path.join(workdir, "tests", n))]],
                        events, os.path.join(tmp, "runner.log"), TIMEOUT, time.monotonic() + IDLE_LIMIT, lambda t: None)
-            return next((e["collected"] for e in events.read() if "collected" in e), [])
+            return next((e["collected"] for e in seen if "collected" in e), [])
 
 
 def add_arguments(parser):
@@ -375,7 +376,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m instructor.grade", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     parser.add_argument("--pristine", required=True, help="folder with the graders' test files and released modules")
-    parser.add_argument("--hide", action="append", default=[], help="a path student code must not see (repeatable)")
     parser.add_argument("--failed-report", metavar="WHY",
                         help="only write a report to --out that fails every test with this message")
     args = parser.parse_args(argv)
@@ -386,8 +386,7 @@ def main(argv=None):
         if args.failed_report is not None:
             write_json(args.out, failed_report(collect(args.pristine), args.failed_report))
         else:
-            grade(args.submission, args.pristine, args.out, args.timeout, args.total_timeout, user=args.jail_user,
-                  hidden=args.hide)
+            grade(args.submission, args.pristine, args.out, args.timeout, args.total_timeout, user=args.jail_user)
     except GradeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

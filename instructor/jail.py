@@ -31,6 +31,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -94,27 +95,72 @@ def task_count(uid):
     return count
 
 
-def hide(paths):
-    """In a new mount namespace, cover paths (folders with an empty read-only tmpfs, files with /dev/null).
-    -> True if done; False where the kernel refuses (unprivileged containers)."""
+SYSTEM = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys")
+SCRATCH = ("/tmp", "/dev/shm")  # in the jail: empty, writable, private (the jail's scratch folder put back)
+
+
+def in_sight():
+    """What the jail sees of the file system: the system's folders and those of this Python installation."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable),
+             *sysconfig.get_paths().values()}
+    return {os.path.normpath(p) for p in paths} | {os.path.realpath(p) for p in paths} | set(SYSTEM)
+
+
+def out_of_sight(keep):
+    """The paths to cover so that only keep stays in sight: everything beside the way to a kept path
+    (symbolic links are left: what they point to is covered or kept where it lies)."""
+    out = []
+
+    def walk(folder):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for e in entries:
+            if e.path in keep or e.path in SCRATCH or e.is_symlink():
+                continue
+            if any(k.startswith(e.path + "/") for k in keep):
+                if e.is_dir(follow_symlinks=False):
+                    walk(e.path)
+            else:
+                out.append((e.path, e.is_dir(follow_symlinks=False)))
+    walk("/")
+    return out
+
+
+def mount(source, target, kind, flags, data=None):
+    libc.mount(source and os.fsencode(source), os.fsencode(target), kind and os.fsencode(kind), flags,
+               data and os.fsencode(data))
+
+
+def seclude(covered, scratch):
+    """In a new mount namespace (as root, before dropping privileges): cover every path of covered (folders with
+    an empty read-only tmpfs, files with /dev/null), give the jail its own empty /tmp and /dev/shm with its
+    scratch folder back in place, and show it only its own processes in /proc. Best effort: where the kernel
+    refuses (unprivileged containers), nothing changes and file permissions alone keep things out of sight."""
     if libc.unshare(CLONE_NEWNS) != 0:
-        return False
-    libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
-    for path in paths:
-        target = os.fsencode(path)
-        if os.path.isdir(path):
-            libc.mount(b"tmpfs", target, b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k,mode=0")
-        elif os.path.exists(path):
-            libc.mount(b"/dev/null", target, None, MS_BIND, None)
-    return True
+        return
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    for path, is_dir in covered:
+        if is_dir:
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0")
+        else:
+            mount("/dev/null", path, None, MS_BIND)
+    for path in SCRATCH:
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
+    os.makedirs(scratch)
+    mount(f"/proc/self/fd/{fd}", scratch, None, MS_BIND)
+    os.close(fd)
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
 
 
 class Jail:
     """The jail of one grading run: a scratch folder with the student's modules and a process that forks a
     child per test. start() again after any anomaly gives a fresh scratch folder and process."""
 
-    def __init__(self, modules, user=None, hidden=(), cpu_seconds=600):
-        self.modules, self.hidden, self.cpu_seconds = modules, list(hidden), cpu_seconds
+    def __init__(self, modules, user=None, cpu_seconds=600):
+        self.modules, self.cpu_seconds = modules, cpu_seconds
         self.uid, self.gid, self.user = jail_user(user)
         self.proc = self.control = self.scratch = self.output = None
 
@@ -127,7 +173,7 @@ class Jail:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")  # when memory runs out, the jail goes first
         if os.geteuid() == 0:
-            hide(self.hidden)
+            seclude(self.covered, self.scratch)
             os.setgroups([])
             os.setgid(self.gid)
             os.setuid(self.uid)
@@ -135,7 +181,7 @@ class Jail:
 
     def start(self):
         self.stop()
-        self.scratch = tempfile.mkdtemp(prefix="jail-")
+        self.scratch = tempfile.mkdtemp(prefix="jail-", dir="/tmp")
         for name in os.listdir(self.modules):
             shutil.copyfile(os.path.join(self.modules, name), os.path.join(self.scratch, name))
         for name in JAIL_FILES:
@@ -143,6 +189,7 @@ class Jail:
         for path in [self.scratch] + [os.path.join(self.scratch, n) for n in os.listdir(self.scratch)]:
             os.chown(path, self.uid, self.gid)
         self.nproc = task_count(self.uid) + PROCESSES
+        self.covered = out_of_sight(in_sight()) if os.geteuid() == 0 else []
         ours, theirs = socket.socketpair()
         read_end, write_end = os.pipe()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.scratch, "LANG": "C.UTF-8",
@@ -173,6 +220,10 @@ class Jail:
             raise JailError(f"the jail could not start python as user {self.user}: "
                             f"{self.output.text().strip()[-600:] or 'no output'}")
         self.ready = True
+
+    def secluded(self):
+        """Whether the jail has a mount namespace of its own (False: file permissions alone hide files)."""
+        return os.readlink(f"/proc/{self.proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None

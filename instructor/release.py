@@ -72,7 +72,7 @@ if [ "$(id -u)" = 0 ]; then
     jail=(--jail-user "${{JAIL_USER:-{JAIL_USER}}}")
 fi
 # shellcheck disable=SC2086
-"$python" -m instructor.grade "$root/submission" --pristine pristine --out "$out" --hide "$root" "${{jail[@]}}" \\
+"$python" -m instructor.grade "$root/submission" --pristine pristine --out "$out" "${{jail[@]}}" \\
     ${{GRADER_ARGS:---timeout 30 --total-timeout 540}}
 status=$?
 if [ ! -s "$out" ]; then  # the grader died before the tests were listed: list them, every one failed

@@ -2,7 +2,7 @@
 The trusted test process of the grader: runs the graded tests with pytest, against the student modules
 in the jail (instructor/jail.py), and appends one JSON line per event to EVENTS, flushed at once:
 
-    python -m instructor.runner EVENTS --modules DIR [--user NAME] [--hide PATH]... [--timeout S]
+    python -m instructor.runner EVENTS --modules DIR [--user NAME] [--timeout S]
                                 [--trace FILE,FILE...] [pytest arguments...]
 
     {"collected": [{"nodeid": ..., "points": 2, "todo": ["mlp"]}, ...]}
@@ -64,6 +64,9 @@ class Reporter:
                 self.write(jail_error=str(e))
                 self.jail.stop()
                 os._exit(3)
+            if os.geteuid() == 0 and not self.jail.secluded():
+                self.write(warning=f"no mount namespace here: student code sees every file user {self.jail.user} "
+                                   f"may read (keep the solution and hidden tests unreadable to it)")
         self.write(collected=[{"nodeid": item.nodeid, "points": (marker_args(item, "points") or (0,))[0],
                                "todo": list(marker_args(item, "todo"))} for item in session.items])
 
@@ -129,7 +132,6 @@ def main(argv=None):
     parser.add_argument("events")
     parser.add_argument("--modules", required=True)
     parser.add_argument("--user")
-    parser.add_argument("--hide", action="append", default=[])
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--trace", default="")
     args, pytest_args = parser.parse_known_args(argv)
@@ -138,7 +140,7 @@ def main(argv=None):
     importer = jail.RemoteImporter(modules)
     sys.meta_path.insert(0, importer)
     try:
-        the_jail = jail.Jail(args.modules, args.user, args.hide)
+        the_jail = jail.Jail(args.modules, args.user)
         if "--collect-only" not in pytest_args:
             the_jail.start()  # python and torch start in the jail while pytest collects here
     except (jail.JailError, OSError) as e:

@@ -310,7 +310,7 @@ def test_run_autograder_end_to_end(built, tmp_path):
     (tmp_path / "submission" / "micro-gpt").mkdir(parents=True)
     for name in ("gpt.py", "dataset.py"):
         shutil.copy(os.path.join(ROOT, name), tmp_path / "submission" / "micro-gpt" / name)
-    env = {**os.environ, "AUTOGRADER_DIR": str(tmp_path), "PYTHON": sys.executable}
+    env = {**os.environ, "AUTOGRADER_DIR": str(tmp_path), "PYTHON": sys.executable, "JAIL_USER": "nobody"}
     proc = subprocess.run(["bash", str(tmp_path / "source" / "run_autograder")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
