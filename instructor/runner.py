@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from instructor import jail, procs
+from instructor import jail, procs  # no torch yet: the jail starts first, while this process imports it
 
 OUTPUT_LIMIT = 4000  # characters of failure message and of captured output kept per test
 
@@ -47,9 +47,10 @@ def marker_args(item, name):
 class Reporter:
     """pytest plugin: a jail child per test, the student modules imported there, the events written."""
 
-    def __init__(self, path, the_jail, importer, timeout, trace=()):
+    def __init__(self, path, the_jail, new_session, importer, timeout, trace=()):
         self.file = open(path, "a", encoding="utf-8")
-        self.jail, self.importer, self.timeout, self.trace = the_jail, importer, timeout, list(trace)
+        self.jail, self.new_session, self.importer = the_jail, new_session, importer
+        self.timeout, self.trace = timeout, list(trace)
         self.reports, self.session = {}, None
 
     def write(self, **event):
@@ -79,7 +80,7 @@ class Reporter:
         self.write(start=nodeid)
         self.session = None
         try:
-            self.session = self.jail.session(time.monotonic() + self.timeout)
+            self.session = self.new_session(time.monotonic() + self.timeout)
             if self.trace:
                 self.session.request("trace", files=self.trace)
         except jail.JailError as e:
@@ -103,7 +104,7 @@ class Reporter:
                     lines = self.session.request("untrace")
                 except Exception:
                     lines = {}
-            printed = self.jail.end(self.session)
+            printed = self.session.end()
         else:
             printed = ""
         reports = self.reports.pop(nodeid)
@@ -136,9 +137,6 @@ def main(argv=None):
     parser.add_argument("--trace", default="")
     args, pytest_args = parser.parse_known_args(argv)
     procs.become_subreaper()  # every process the jail starts stays ours to kill
-    modules = sorted(n[:-3] for n in os.listdir(args.modules) if n.endswith(".py"))
-    importer = jail.RemoteImporter(modules)
-    sys.meta_path.insert(0, importer)
     try:
         the_jail = jail.Jail(args.modules, args.user)
         if "--collect-only" not in pytest_args:
@@ -149,8 +147,13 @@ def main(argv=None):
         return 3
     signal.signal(signal.SIGTERM, lambda *_: (the_jail.stop(), os._exit(1)))
     procs.on_parent_death(signal.SIGTERM)  # a grader that dies takes the jail with it
+    from instructor import remote  # torch
+
+    importer = remote.RemoteImporter(sorted(n[:-3] for n in os.listdir(args.modules) if n.endswith(".py")))
+    sys.meta_path.insert(0, importer)
     trace = [f for f in args.trace.split(",") if f]
-    reporter = Reporter(args.events, the_jail, importer, args.timeout, trace)
+    reporter = Reporter(args.events, the_jail, lambda deadline: remote.Session(the_jail, the_jail.child(), deadline),
+                        importer, args.timeout, trace)
     try:
         return pytest.main(pytest_args, plugins=[reporter])
     finally:

@@ -1,0 +1,212 @@
+"""
+The trusted side of the trust boundary: the student modules as the graded tests see them.
+
+`import gpt` in the trusted test process (instructor/runner.py) gives a RemoteModule. Reading its
+attributes, calling what they hold, indexing and iterating are requests to the current test's child in
+the jail (instructor/jail.py); tensors and plain values come back by value (instructor/wire.py: JSON and
+safetensors, never pickle), everything else stays in the jail and comes back as a Remote handle. Each
+request carries the trusted process's torch RNG state, grad mode, default device and the torch functions
+the test monkeypatched, and the jail's RNG state comes back, so a test runs exactly as it does in-process
+under `pytest unittests.py`. The assertions, reference values and hidden tests never leave the trusted
+process; the jail only answers questions. A late, oversized, malformed or missing answer raises JailError:
+that test fails, its child is killed, and the grading goes on.
+"""
+
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+import torch
+from torch.nn import functional as F
+
+from instructor import wire
+from instructor.jail import JailError
+
+EXCEPTIONS = {e.__name__: e for e in (
+    ArithmeticError, AssertionError, AttributeError, ImportError, IndexError, KeyError, LookupError, MemoryError,
+    ModuleNotFoundError, NameError, NotImplementedError, OverflowError, RecursionError, RuntimeError, SyntaxError,
+    TypeError, UnboundLocalError, ValueError, ZeroDivisionError)}
+WATCHED = (torch, F)  # modules whose functions a test may monkeypatch, forwarded to the jail
+
+
+def monkeypatched():
+    """The functions of WATCHED modules that the test replaced, as dotted names."""
+    return [f"{module.__name__}.{name}" for module, originals in ORIGINALS for name, original in originals.items()
+            if getattr(module, name, original) is not original]
+
+
+ORIGINALS = [(m, {n: v for n, v in vars(m).items() if callable(v) and not n.startswith("_")}) for m in WATCHED]
+
+
+class Session:
+    """One test's child in the jail."""
+
+    def __init__(self, jail, sock, deadline):
+        self.jail, self.sock, self.deadline, self.dead, self.code = jail, sock, deadline, None, None
+
+    def handle(self, value):
+        if isinstance(value, Remote):
+            if object.__getattribute__(value, "_session") is not self:
+                raise TypeError("an object of your code from another test")
+            return {"handle": object.__getattribute__(value, "_handle")}
+        raise TypeError(f"a {type(value).__name__} cannot be passed to your code")
+
+    def remote(self, h):
+        if type(h.get("handle")) is not int or len(h) != 2 or type(h.get("type")) is not str:
+            raise wire.WireError("malformed handle")
+        return Remote(self, h["handle"], h["type"][:80])
+
+    def request(self, op, target=None, **fields):
+        __tracebackhide__ = True  # pytest shows the test's line, not the grader's
+        if self.dead:
+            raise JailError(self.dead)
+        generators = [v for v in list(fields.get("args", ())) + list(fields.get("kwargs", {}).values())
+                      if type(v) is torch.Generator]
+        message = {"op": op, "target": target, **fields, "rng": torch.get_rng_state(),
+                   "grad": torch.is_grad_enabled(), "device": str(torch.get_default_device()),
+                   "forbid": monkeypatched()}
+        data = wire.pack(message, self.handle)  # TypeError / WireError: the test's own fault, not the jail's
+        try:
+            wire.send(self.sock, data)
+            reply = wire.unpack(wire.recv(self.sock, self.deadline), self.remote)
+            if type(reply) is not dict:
+                raise wire.WireError("an answer that is not a dict")
+            if "error" in reply:
+                error = remote_error(reply["error"])
+            else:
+                rng, states = reply["rng"], reply["generators"]
+                if not torch.is_tensor(rng) or rng.shape != torch.get_rng_state().shape or rng.dtype != torch.uint8:
+                    raise wire.WireError("a malformed RNG state")
+                torch.set_rng_state(rng)
+                if type(states) is not list or len(states) != len(generators):
+                    raise wire.WireError("malformed generator states")
+                for g, state in zip(generators, states):
+                    g.set_state(state)
+                return reply["ok"]
+        except TimeoutError:
+            self.kill("timed out: still running after the test's time limit, stopped")
+        except (EOFError, OSError):
+            self.kill("the process running your code died during this test")
+        except (wire.WireError, KeyError, TypeError, RuntimeError) as e:
+            self.kill(f"your code sent an answer that cannot be checked: {e}")
+        if self.dead:
+            raise JailError(self.dead)
+        raise error
+
+    def kill(self, why):
+        """End the child: nothing it says from now on counts."""
+        self.close()
+        self.code = self.jail.end_child()
+        self.dead = why + (f" ({describe(self.code)})" if self.code not in (None, 0) else "")
+
+    def close(self):
+        self.sock.close()
+
+    def end(self):
+        """The end of the test: its child and what it started are killed. -> what it printed."""
+        self.close()
+        if not self.dead:
+            self.code = self.jail.end_child()
+        return self.jail.printed()
+
+
+def describe(code):
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def remote_error(error):
+    """The exception to raise for an error the jail reports: a builtin type by name, else JailError."""
+    if type(error) is not dict or type(error.get("message")) is not str or type(error.get("type")) is not str:
+        raise wire.WireError("a malformed error")
+    kind, message, where = error["type"][:80], error["message"][:4000], str(error.get("where", ""))[:200]
+    base = EXCEPTIONS.get(str(error.get("base")))
+    if base is None:
+        base, message = JailError, f"{kind}: {message}"
+    e = type(kind if kind.isidentifier() else base.__name__, (base,), {})(message)
+    e.location = where or None  # where in the student's files (conftest.py shows it)
+    return e
+
+
+class Remote:
+    """An object that lives in the jail: attribute reads, calls, indexing and iteration are requests."""
+
+    __slots__ = ("_session", "_handle", "_type")
+
+    def __init__(self, session, handle, kind):
+        object.__setattr__(self, "_session", session)
+        object.__setattr__(self, "_handle", handle)
+        object.__setattr__(self, "_type", kind)
+
+    def _request(self, op, **fields):
+        __tracebackhide__ = True
+        return object.__getattribute__(self, "_session").request(op, {"handle": object.__getattribute__(
+            self, "_handle")}, **fields)
+
+    def __getattr__(self, name):
+        __tracebackhide__ = True
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._request("getattr", name=name)
+
+    def __setattr__(self, name, value):
+        __tracebackhide__ = True
+        self._request("setattr", name=name, value=value)
+
+    def __call__(self, *args, **kwargs):
+        __tracebackhide__ = True
+        return self._request("call", args=list(args), kwargs=kwargs)
+
+    def __getitem__(self, key):
+        __tracebackhide__ = True
+        return self._request("getitem", key=key)
+
+    def __len__(self):
+        n = self._request("len")
+        if type(n) is not int or n < 0:
+            raise TypeError("len() of your object is not a non-negative int")
+        return n
+
+    def __iter__(self):
+        items = self._request("list")
+        if type(items) is not list:
+            raise TypeError("iterating over your object gave no list")
+        return iter(items)
+
+    def __repr__(self):
+        return f"<{object.__getattribute__(self, '_type')} object of your code>"
+
+
+class RemoteModule(types.ModuleType):
+    """A student module in the trusted process: its attributes are read from the jail."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.__dict__["_remote"], name)
+
+
+class RemoteImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """`import gpt` (for the student module names) imports it in the current test's jail child."""
+
+    def __init__(self, names):
+        self.names, self.session = set(names), None
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name in self.names else None
+
+    def create_module(self, spec):
+        if self.session is None:
+            raise ImportError(f"{spec.name} is imported outside a test")
+        module = RemoteModule(spec.name)
+        module.__dict__["_remote"] = self.session.request("import", name=spec.name)
+        return module
+
+    def exec_module(self, module):
+        pass
+
+    def begin(self, session):
+        """A new test: the modules are imported afresh, in its child."""
+        self.session = session
+        for name in self.names:
+            sys.modules.pop(name, None)
