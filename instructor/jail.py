@@ -180,6 +180,10 @@ class Jail:
                 [sys.executable, "-I", "-u", "-B", os.path.join(self.scratch, "jailed.py"), str(theirs.fileno())],
                 cwd=self.scratch, env=env, stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
                 pass_fds=(theirs.fileno(),), start_new_session=True, preexec_fn=self.preexec)
+        except OSError as e:
+            raise JailError(f"user {self.user} cannot run {sys.executable} ({e.strerror}): grade with a Python "
+                            f"installation that user can read, e.g. a virtual environment outside private home "
+                            f"folders, or name another user with --jail-user") from None
         finally:
             theirs.close()
             os.close(write_end)

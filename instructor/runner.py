@@ -141,7 +141,7 @@ def main(argv=None):
         the_jail = jail.Jail(args.modules, args.user)
         if "--collect-only" not in pytest_args:
             the_jail.start()  # python and torch start in the jail while pytest collects here
-    except (jail.JailError, OSError) as e:
+    except jail.JailError as e:
         with open(args.events, "a", encoding="utf-8") as f:
             f.write(json.dumps({"jail_error": str(e)}) + "\n")
         return 3
