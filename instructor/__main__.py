@@ -34,7 +34,6 @@ def run_release(args):
 def run_grade(args):
     """Grade with a pristine folder built from this repository, as the autograder bundle would."""
     procs.become_subreaper()  # what a dead runner leaves behind comes to us, to be killed
-    grade.SUBREAPER = True
     with tempfile.TemporaryDirectory(prefix="pristine-") as pristine:
         release.write_tree(release.pristine_files(release.student_files()), pristine)
         grade.grade(args.submission, pristine, args.out, args.timeout, args.total_timeout, user=args.jail_user)

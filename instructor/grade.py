@@ -42,8 +42,7 @@ SLACK = 30.0  # seconds past a test's timeout before the grader stops the truste
 MAX_FILE = 1 << 20  # bytes of one submitted module
 POLL = 0.05
 LOG_TAIL = 1500  # characters of the runner's own output shown when it dies
-SAME_USER = "same user"
-SUBREAPER = False  # True in the command line grader (main), which has no other children  # jail_user value: run student code as this process's user, without a warning
+SAME_USER = "same user"  # jail_user value: run student code as this process's user, without a warning
 
 
 class GradeError(Exception):
@@ -137,13 +136,13 @@ class Events:
 
 
 def kill(proc):
-    """SIGKILL the runner and every process under it (the command line grader is a subreaper: what
-    escaped from under a dead runner came to it)."""
+    """SIGKILL the runner and every process under it (a grader that is a subreaper, as on the command line,
+    also gets what escaped from under a dead runner: it has no other children)."""
     try:
         os.kill(proc.pid, signal.SIGSTOP)  # it starts nothing new while its tree is killed
     except ProcessLookupError:
         pass
-    procs.kill_tree(os.getpid() if SUBREAPER else proc.pid, keep={proc.pid})
+    procs.kill_tree(os.getpid() if procs.is_subreaper() else proc.pid, keep={proc.pid})
     try:
         proc.kill()
     except ProcessLookupError:
@@ -379,9 +378,7 @@ def main(argv=None):
     parser.add_argument("--failed-report", metavar="WHY",
                         help="only write a report to --out that fails every test with this message")
     args = parser.parse_args(argv)
-    global SUBREAPER
-    procs.become_subreaper()
-    SUBREAPER = True
+    procs.become_subreaper()  # what a dead runner leaves behind comes to us, to be killed
     try:
         if args.failed_report is not None:
             write_json(args.out, failed_report(collect(args.pristine), args.failed_report))

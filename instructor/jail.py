@@ -87,6 +87,13 @@ def in_sight():
     return {os.path.normpath(p) for p in paths} | {os.path.realpath(p) for p in paths} | set(SYSTEM)
 
 
+def under_scratch(keep):
+    """The kept folders inside /tmp or /dev/shm (e.g. a virtual environment in /tmp), outermost only: they are
+    put back into the jail's own empty /tmp and /dev/shm."""
+    inside = sorted(k for k in keep if os.path.isdir(k) and any(k.startswith(s + "/") for s in SCRATCH))
+    return [k for i, k in enumerate(inside) if not any(k.startswith(o + "/") for o in inside[:i])]
+
+
 def out_of_sight(keep):
     """The paths to cover so that only keep stays in sight: everything beside the way to a kept path
     (symbolic links are left: what they point to is covered or kept where it lies)."""
@@ -114,15 +121,16 @@ def mount(source, target, kind, flags, data=None):
                data and os.fsencode(data))
 
 
-def seclude(covered, scratch):
+def seclude(covered, put_back):
     """In a new mount namespace (as root, before dropping privileges): cover every path of covered (folders with
-    an empty read-only tmpfs, files with /dev/null), give the jail its own empty /tmp and /dev/shm with its
-    scratch folder back in place, and show it only its own processes in /proc. Best effort: where the kernel
-    refuses (unprivileged containers), nothing changes and file permissions alone keep things out of sight."""
+    an empty read-only tmpfs, files with /dev/null), give the jail its own empty /tmp and /dev/shm with the
+    folders of put_back (its scratch folder, ...) back in place, and show it only its own processes in /proc.
+    Best effort: where the kernel refuses (unprivileged containers), nothing changes and file permissions
+    alone keep things out of sight."""
     if libc.unshare(CLONE_NEWNS) != 0:
         return
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    fds = {path: os.open(path, os.O_RDONLY | os.O_DIRECTORY) for path in put_back}
     for path, is_dir in covered:
         if is_dir:
             mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0")
@@ -130,9 +138,10 @@ def seclude(covered, scratch):
             mount("/dev/null", path, None, MS_BIND)
     for path in SCRATCH:
         mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
-    os.makedirs(scratch)
-    mount(f"/proc/self/fd/{fd}", scratch, None, MS_BIND)
-    os.close(fd)
+    for path, fd in fds.items():
+        os.makedirs(path, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND)
+        os.close(fd)
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
 
 
@@ -154,7 +163,7 @@ class Jail:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")  # when memory runs out, the jail goes first
         if os.geteuid() == 0:
-            seclude(self.covered, self.scratch)
+            seclude(self.covered, [self.scratch, *under_scratch(self.in_sight)])
             os.setgroups([])
             os.setgid(self.gid)
             os.setuid(self.uid)
@@ -170,7 +179,8 @@ class Jail:
         for path in [self.scratch] + [os.path.join(self.scratch, n) for n in os.listdir(self.scratch)]:
             os.chown(path, self.uid, self.gid)
         self.nproc = task_count(self.uid) + PROCESSES
-        self.covered = out_of_sight(in_sight()) if os.geteuid() == 0 else []
+        self.in_sight = in_sight()
+        self.covered = out_of_sight(self.in_sight) if os.geteuid() == 0 else []
         ours, theirs = socket.socketpair()
         read_end, write_end = os.pipe()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.scratch, "LANG": "C.UTF-8",

@@ -9,13 +9,19 @@ import os
 import signal
 import time
 
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 1, 36, 37
 libc = ctypes.CDLL(None, use_errno=True)
 
 
 def become_subreaper():
     """Orphans of our descendants come to us, not to init: they stay where kill_tree() finds them."""
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def is_subreaper():
+    flag = ctypes.c_int(0)
+    libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+    return bool(flag.value)
 
 
 def on_parent_death(sig):

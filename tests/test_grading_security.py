@@ -170,7 +170,7 @@ for pid in os.listdir("/proc"):
     except (OSError, ValueError):
         pass
 '''},
-    "exits_at_import": {"dataset.py": "import os\nos._exit(0)\n", "gpt.py": "raise SystemExit(0)\n"},
+    "exits_at_import": {"dataset.py": "raise SystemExit(0)\n", "gpt.py": "raise KeyboardInterrupt\n"},  # os._exit: above
     "exits_in_tests": {"dataset.py": '''
 def _interrupt(self, *args):
     raise KeyboardInterrupt
@@ -436,15 +436,24 @@ def test_hang_with_signals_blocked_costs_its_timeout(graded):
     assert result["execution_time"] < 60
 
 
-def test_symlinked_and_special_files_are_not_read(built, tmp_path):
-    (tmp_path / "submission").mkdir()
-    os.symlink(os.path.join(ROOT, "gpt.py"), tmp_path / "submission" / "gpt.py")  # the solution
-    os.symlink("/etc/passwd", tmp_path / "submission" / "dataset.py")
-    os.mkfifo(tmp_path / "submission" / "cfg.py")
-    proc = subprocess.run([sys.executable, "-m", "instructor", "grade", str(tmp_path / "submission"), "--out",
-                           str(tmp_path / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("way", ["cli", "bundle"])
+def test_symlinked_and_special_files_are_not_read(built, bundle_env, tmp_path, way):
+    submission = tmp_path / "submission"
+    submission.mkdir()
+    os.symlink(os.path.join(ROOT, "gpt.py"), submission / "gpt.py")  # the solution
+    os.symlink("/etc/passwd", submission / "dataset.py")
+    os.mkfifo(submission / "cfg.py")
+    if way == "cli":
+        out = tmp_path / "results.json"
+        proc = subprocess.run([sys.executable, "-m", "instructor", "grade", str(submission), "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+    else:
+        shutil.copytree(built / "autograder", tmp_path / "source")
+        out = tmp_path / "results" / "results.json"
+        proc = subprocess.run(["bash", str(tmp_path / "source" / "run_autograder")], capture_output=True, text=True,
+                              env={**bundle_env, "AUTOGRADER_DIR": str(tmp_path)}, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "results.json").read_text())
+    result = json.loads(out.read_text())
     assert result["score"] == 0
     assert ("ignored, not a regular file (links, devices and pipes are not read): cfg.py, dataset.py, gpt.py"
             in result["output"])
