@@ -33,8 +33,9 @@ class Scoreboard:
         report = (yield).get_result()
         error = call.excinfo
         if error is not None and error.errisinstance(NotImplementedError) and TODO.search(str(error.value)):
-            entry = error.traceback[-1]  # the autograder gives the stub's place as the error's location
-            where = getattr(error.value, "location", None) or f"{os.path.relpath(entry.path)}:{entry.lineno + 1} in {entry.name}"
+            entry = error.traceback[-1]
+            where = (getattr(error.value, "location", None)  # the autograder's: the stub's place in the jail
+                     or f"{os.path.relpath(entry.path)}:{entry.lineno + 1} in {entry.name}")
             report.longrepr = f"NotImplementedError: {error.value}  ({where}: replace the stub with your code)"
 
     def pytest_runtest_logreport(self, report):

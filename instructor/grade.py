@@ -70,8 +70,9 @@ def intake(submission, modules):
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         info = entry.stat(follow_symlinks=False)
         if entry.name not in modules:
+            quiet = entry.name.startswith(".") or stat.S_ISDIR(info.st_mode)
             why = ("the grader uses its own copy" if entry.name in INFRA else
-                   None if entry.name.startswith(".") or stat.S_ISDIR(info.st_mode) else "not a module of the assignment")
+                   None if quiet else "not a module of the assignment")
         elif not stat.S_ISREG(info.st_mode):
             why = "not a regular file (links, devices and pipes are not read)"
         elif info.st_size > MAX_FILE:
@@ -354,9 +355,11 @@ def collect(pristine):
         prepare(pristine, os.path.join(workdir, "nothing"), workdir)
         with tempfile.TemporaryDirectory(prefix="grader-") as tmp:
             events = Events(os.path.join(tmp, "events.jsonl"))
-            seen, _, _ = run_runner(workdir, ["--modules", os.path.join(workdir, "modules"), "--collect-only", *PYTEST_ARGS,
-                                 *[n for n in TEST_FILES if os.path.exists(os.path.join(workdir, "tests", n))]],
-                       events, os.path.join(tmp, "runner.log"), TIMEOUT, time.monotonic() + IDLE_LIMIT, lambda t: None)
+            files = [n for n in TEST_FILES if os.path.exists(os.path.join(workdir, "tests", n))]
+            seen, _, _ = run_runner(workdir, ["--modules", os.path.join(workdir, "modules"), "--collect-only",
+                                              *PYTEST_ARGS, *files],
+                                    events, os.path.join(tmp, "runner.log"), TIMEOUT, time.monotonic() + IDLE_LIMIT,
+                                    lambda tests: None)
             return next((e["collected"] for e in seen if "collected" in e), [])
 
 

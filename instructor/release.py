@@ -26,7 +26,8 @@ GRADED_FILES = ("unittests.py", "unittests_ref.pt", "conftest.py")  # released a
 OTHER_FILES = ("requirements.txt", ".gitignore")
 FOLDERS = ("slurm", "data")  # what git tracks, or would, in them
 HIDDEN_TESTS = "instructor/hidden_tests.py"  # graded, never released
-GRADER_CODE = tuple(f"instructor/{n}.py" for n in ("__init__", "grade", "runner", "remote", "jail", "jailed", "procs", "wire"))
+GRADER_CODE = tuple(f"instructor/{name}.py" for name in
+                    ("__init__", "grade", "runner", "remote", "jail", "jailed", "procs", "wire"))
 JAIL_USER = "student-code"  # the unprivileged account setup.sh creates on Gradescope
 OUTPUTS = ("student", "autograder", "autograder.zip")
 TORCH_PIN = "torch==2.13.0"
@@ -49,7 +50,8 @@ fi
 "$python" -m pip install --no-cache-dir {TORCH_PIN}
 "$python" -m pip install --no-cache-dir -r requirements.txt
 user="${{JAIL_USER:-{JAIL_USER}}}"
-id -u "$user" >/dev/null 2>&1 || useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user"
+id -u "$user" >/dev/null 2>&1 ||
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user"
 """
 
 RUN_AUTOGRADER = f"""#!/usr/bin/env bash

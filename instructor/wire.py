@@ -116,7 +116,8 @@ def unpack(data, handle):
             return float(arg)
         if tag == "tensor":
             return tensor(arg)
-        if tag == "meta" and type(arg) is list and all(type(n) is int and n >= 0 for n in arg) and v.get("dtype") in DTYPES:
+        if (tag == "meta" and type(arg) is list and all(type(n) is int and n >= 0 for n in arg)
+                and v.get("dtype") in DTYPES):
             return torch.empty(arg, dtype=DTYPES[v["dtype"]], device="meta")
         if tag == "dtype" and arg in DTYPES:
             return DTYPES[arg]

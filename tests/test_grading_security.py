@@ -1,9 +1,10 @@
 """
 A hostile zoo: submissions that try to grade themselves, crash the grader, outlive it, or read what they
 must not. Each one is the untouched student release with hostile code added, graded end to end as root
-(student code then runs as `nobody`) through `python -m instructor grade` and through the bundle's
-setup.sh + run_autograder in an /autograder-like folder. Each must score what the untouched release
-scores, leave a complete results.json, and leave no process behind.
+(student code then runs as `nobody`) through `python -m instructor grade` and, where the attack depends
+on the layout around the grader, through the bundle's setup.sh + run_autograder in an /autograder-like
+folder. Each must score what the untouched release scores, leave a complete results.json, and leave no
+process behind.
 
 As root, `nobody` must be able to run this Python (CI makes its virtual environment so); without root
 there is no unprivileged jail to test and these tests skip, unless MICROGPT_REQUIRE_JAIL=1 (CI) makes
@@ -26,7 +27,11 @@ from instructor import release
 from test_instructor import assert_gradescope_format
 
 ROOT = release.ROOT
-TIMEOUT = 15.0  # per test: the one hang below costs this much
+TIMEOUT = 10.0  # per test: the one hang below costs this much
+# the cases whose attack depends on the layout around the grader (paths, parents, results folder) are graded
+# both ways; the others (the same code in the same jail either way) only through `instructor grade`
+BOTH_WAYS = ("forged_files", "detached_rewriter", "kills_its_parents", "exits_at_import", "fork_bomb",
+             "reads_the_solution", "reads_the_hidden_tests")
 PWNED = "/tmp/micro-gpt-zoo-pwned"  # what an unpickled answer would create
 SLEEP_MARK = "9773"  # `sleep 9773`: the processes the fork bomb starts
 
@@ -170,7 +175,8 @@ for pid in os.listdir("/proc"):
     except (OSError, ValueError):
         pass
 '''},
-    "exits_at_import": {"dataset.py": "raise SystemExit(0)\n", "gpt.py": "raise KeyboardInterrupt\n"},  # os._exit: above
+    # (os._exit at import: forged_files)
+    "exits_at_import": {"dataset.py": "raise SystemExit(0)\n", "gpt.py": "raise KeyboardInterrupt\n"},
     "exits_in_tests": {"dataset.py": '''
 def _interrupt(self, *args):
     raise KeyboardInterrupt
@@ -288,6 +294,10 @@ for folder in paths_in_sight():
 
 # ----------------------------------------------------------------------------- grading them
 
+GRADINGS = [(case, way) for case in HOSTILE for way in ("cli", "bundle") if way == "cli" or case in BOTH_WAYS]
+
+
+
 def released_modules(built):
     return {name: (built / "student" / name).read_text() for name in ("gpt.py", "dataset.py")}
 
@@ -352,8 +362,9 @@ def jail_processes():
 
 @pytest.fixture(scope="module")
 def graded(built, bundle_env, tmp_path_factory):
-    """{(case, way): (process, results.json as first read)} for every hostile case, both ways; then the
-    results a few seconds later (a detached child would have rewritten them by then) and what was left."""
+    """{(case, way): (process, results.json path, its text as first read)} for GRADINGS, three at a time
+    (two cores: a grading waits on processes part of the time); then the results a few seconds later (a
+    detached child would have rewritten them by then) and the processes left."""
     if os.path.exists(PWNED):
         os.unlink(PWNED)
     root = tmp_path_factory.mktemp("hostile")
@@ -364,8 +375,8 @@ def graded(built, bundle_env, tmp_path_factory):
         proc, out = grade_cli(built, tmp, case) if way == "cli" else grade_bundle(built, tmp, case, bundle_env)
         return proc, out, out.read_text() if out.exists() else None
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = {(case, way): pool.submit(run, case, way) for case in HOSTILE for way in ("cli", "bundle")}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = {(case, way): pool.submit(run, case, way) for case, way in GRADINGS}
         results = {key: f.result() for key, f in futures.items()}
     time.sleep(3)
     later = {key: out.read_text() if out.exists() else None for key, (_, out, _) in results.items()}
@@ -385,8 +396,7 @@ def untouched(built, tmp_path_factory):
     return json.loads((tmp / "results.json").read_text())
 
 
-@pytest.mark.parametrize("way", ["cli", "bundle"])
-@pytest.mark.parametrize("case", list(HOSTILE))
+@pytest.mark.parametrize("case, way", GRADINGS)
 def test_hostile_submission_scores_what_the_release_scores(graded, untouched, case, way):
     results, later, _ = graded
     proc, out, text = results[(case, way)]
