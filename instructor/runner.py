@@ -20,6 +20,7 @@ each region's stub only against the tests that execute it).
 import argparse
 import json
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -90,7 +91,6 @@ class Reporter:
     @pytest.fixture
     def tmp_path(self):
         """A fresh folder in the jail's scratch folder: the test passes its path to the student's code."""
-        import pathlib
         return pathlib.Path(self.session.request("mkdtemp"))
 
     def pytest_runtest_logreport(self, report):
