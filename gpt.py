@@ -4,9 +4,6 @@ norms, rotary position embedding, causal self-attention, MLP, Block, GPT.
 
 Module and parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...), so
 GPT-2 checkpoints map onto this model with only the Conv1D transposes (see GPT.from_pretrained).
-
-Code between `BEGIN SOLUTION` and `END SOLUTION` is what students write; the `# TODO` lines
-inside each region are its hint and stay in the student release.
 """
 
 import json
@@ -76,7 +73,7 @@ class LayerNorm(nn.Module):
         if self.fused:
             return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         # BEGIN SOLUTION layernorm
-        # TODO (bonus): normalise x over its last dimension without F.layer_norm: mean and biased
+        # TODO: normalise x over its last dimension without F.layer_norm: mean and biased
         # TODO variance (unbiased=False) over dim -1 with keepdim=True, then (x - mean) / sqrt(var + self.eps),
         # TODO times self.weight, plus self.bias when it is not None. Same shape as x.
         mean = x.mean(dim=-1, keepdim=True)

@@ -19,10 +19,12 @@ from torch.nn import functional as F
 REF_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unittests_ref.pt")
 
 
-def graded(points, *todos):
-    """Mark a test with its points and the TODO regions it covers."""
+def graded(points, *todos, needs=()):
+    """Mark a test with its points, the TODO regions it checks (`pytest unittests.py -k <region id>` selects
+    it) and those it only needs to run (needs)."""
     def mark(test):
-        return pytest.mark.points(points)(pytest.mark.todo(*todos)(test))
+        covered = dict.fromkeys((*todos, *needs))  # in order, once each
+        return pytest.mark.points(points)(pytest.mark.todo(*covered)(pytest.mark.checks(*todos)(test)))
     return mark
 
 
@@ -36,6 +38,12 @@ def load(module):
 
 def fail(message, todo):
     pytest.fail(f"{message}; look at TODO[{todo}]", pytrace=False)
+
+
+def close(actual, expected, atol=1e-5, rtol=1e-4):
+    """Whether two tensors agree (for deciding which part to blame before asserting)."""
+    return (torch.is_tensor(actual) and actual.shape == expected.shape
+            and torch.allclose(actual.detach().double(), expected.detach().double(), atol=atol, rtol=rtol))
 
 
 def assert_close(actual, expected, what, todo, atol=1e-5, rtol=1e-4):
@@ -136,42 +144,46 @@ def test_dataset_split_and_errors():
 
 # ----------------------------------------------------------------------------- norms
 
+def norm_inputs():
+    """(name, x): spread-out values, and values so close together that eps's place in the formula matters."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    return (("x (std 3)", x * 3 + 1), ("x (std 0.001, variance below eps: eps goes inside the sqrt)", x * 1e-3))
+
+
 @graded(2, "layernorm")
 def test_layernorm_by_hand(ref, monkeypatch):
-    """Bonus: LayerNorm computed by hand (the model uses PyTorch's kernel unless fused_norm=False)."""
+    """LayerNorm computed by hand (the model uses PyTorch's kernel unless fused_norm=False)."""
     gpt = load("gpt")
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 16) * 3 + 1
     weight, bias = torch.randn(16) * 0.3 + 1, torch.randn(16) * 0.3
     norms = [gpt.LayerNorm(16, bias=True), gpt.LayerNorm(16, bias=False)]
     norms[0].load_state_dict({"weight": weight, "bias": bias})
     norms[1].load_state_dict({"weight": weight})
-    expected = [F.layer_norm(x, (16,), weight, bias, 1e-5), F.layer_norm(x, (16,), weight, None, 1e-5)]
     ref_ln = ref_model(ref).transformer.h[0].ln_1
     ref_ln.fused = False  # the hand-written path
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("LayerNorm.forward calls F.layer_norm; compute it by hand (bonus) in TODO[layernorm]")
+        raise AssertionError("LayerNorm.forward calls F.layer_norm; compute it by hand in TODO[layernorm]")
     monkeypatch.setattr(F, "layer_norm", forbidden)
     monkeypatch.setattr(torch, "layer_norm", forbidden)
-    for ln, want, b in zip(norms, expected, (bias, 0)):
-        mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
-        formula = (x - mean) / torch.sqrt(var + 1e-5) * weight + b
-        assert_close(ln(x), formula, f"LayerNorm(bias={b is bias}) vs its formula", "layernorm")
-        assert_close(ln(x), want, "LayerNorm vs F.layer_norm", "layernorm")
+    for what, x in norm_inputs():
+        for ln, b in zip(norms, (bias, None)):
+            mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+            formula = (x - mean) / torch.sqrt(var + 1e-5) * weight + (0 if b is None else b)
+            assert_close(ln(x), formula, f"LayerNorm(bias={b is not None}) of {what} vs its formula", "layernorm")
     assert_close(ref_ln(ref["x"]), ref["layernorm_out"], "LayerNorm vs the reference", "layernorm")
 
 
 @graded(2, "rmsnorm")
 def test_rmsnorm_matches_formula_and_torch(ref):
     gpt = load("gpt")
-    x = torch.randn(2, 5, 16) * 3 + 1
     weight = torch.randn(16) * 0.3 + 1
     rms = gpt.RMSNorm(16)
     rms.load_state_dict({"weight": weight})
-    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
-    assert_close(rms(x), expected, "RMSNorm vs its formula", "rmsnorm")
-    assert_close(rms(x), F.rms_norm(x, (16,), weight, 1e-5), "RMSNorm vs F.rms_norm", "rmsnorm")
+    for what, x in norm_inputs():
+        expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+        assert_close(rms(x), expected, f"RMSNorm of {what} vs its formula", "rmsnorm")
+        assert_close(rms(x), F.rms_norm(x, (16,), weight, 1e-5), f"RMSNorm of {what} vs F.rms_norm", "rmsnorm")
     rms = gpt.RMSNorm(ref["config"]["n_embd"])
     rms.load_state_dict({"weight": ref["rmsnorm_weight"]})
     assert_close(rms(ref["x"]), ref["rmsnorm_out"], "RMSNorm vs the reference", "rmsnorm")
@@ -256,7 +268,7 @@ def test_attention_probs_formula():
                  "attention probabilities softmax(mask(q k^T / sqrt(hs)))", "attn_scores")
 
 
-@graded(1, "attn_softmax", "attn_scores")
+@graded(1, "attn_softmax", needs=("attn_scores",))
 def test_attention_rows_sum_to_one():
     attn = attention()
     probs = attn.attention_probs(torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8))
@@ -265,7 +277,7 @@ def test_attention_rows_sum_to_one():
         fail("attention probabilities must not be negative", "attn_softmax")
 
 
-@graded(2, "attn_mask", "attn_scores")
+@graded(2, "attn_mask", needs=("attn_scores",))
 def test_attention_mask_hides_future():
     attn = attention()
     probs = attn.attention_probs(torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8))
@@ -281,9 +293,10 @@ def test_attention_mask_hides_future():
              "(use self.mask[Tk - Tq:Tk, :Tk])", "attn_mask")
 
 
-@pytest.mark.parametrize("abs_emb", [False, True], ids=["rotary", "absolute"])
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
 @pytest.mark.parametrize("flash", [False, True], ids=["manual", "flash"])
-@graded(1, "attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_values", "attn_flash", "attn_out")
+@graded(1, "attn_mask", "attn_flash",
+        needs=("attn_qkv", "attn_scores", "attn_softmax", "attn_values", "attn_out", "rotary"))
 def test_attention_is_causal(flash, abs_emb):
     attn = attention(use_flash_attn=flash, abs_emb=abs_emb)
     x = torch.randn(2, 10, 32)
@@ -294,16 +307,33 @@ def test_attention_is_causal(flash, abs_emb):
                  todo)
 
 
-@graded(2, "attn_flash", "attn_values", "attn_out", "attn_qkv")
-def test_attention_manual_equals_flash():
-    manual = attention(use_flash_attn=False)
-    flash = attention(use_flash_attn=True)
+def plain_attention(attn, x):
+    """Causal self-attention of x (B, T, C) from attn's weights with torch alone (learned positions: no rotary)."""
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
+               for t in F.linear(x, attn.c_attn.weight, attn.c_attn.bias).split(C, dim=-1))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+    return F.linear(y.transpose(1, 2).reshape(B, T, C), attn.c_proj.weight, attn.c_proj.bias)
+
+
+@graded(2, "attn_values", "attn_flash", "attn_out", needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax"))
+def test_attention_manual_and_flash_match_plain_torch():
+    """Each path against attention computed with torch alone; a part both paths share is blamed when both fail."""
+    manual = attention(use_flash_attn=False, abs_emb=True)
+    flash = attention(use_flash_attn=True, abs_emb=True)
     flash.load_state_dict(manual.state_dict())
     x = torch.randn(2, 10, 32)
-    assert_close(flash(x), manual(x), "flash attention output vs manual attention output", "attn_flash")
+    expected = plain_attention(manual, x)
+    manual_out, flash_out = manual(x), flash(x)
+    if not close(manual_out, expected) and not close(flash_out, expected):
+        assert_close(manual_out, expected, "both attention paths differ from plain torch, so look first at what they "
+                     "share: the heads (TODO[attn_qkv]) and their output (TODO[attn_out]); manual output", "attn_qkv")
+    assert_close(flash_out, expected, "flash attention output vs plain torch", "attn_flash")
+    assert_close(manual_out, expected, "manual attention output (probabilities @ v) vs plain torch", "attn_values")
 
 
-@graded(2, "attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_values", "attn_out")
+@graded(2, "attn_out", needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_values", "attn_flash",
+                              "rotary"))
 def test_attention_reference(ref):
     attn = ref_model(ref).transformer.h[0].attn
     attn.use_flash_attn = False
@@ -313,6 +343,51 @@ def test_attention_reference(ref):
     assert_close(attn(x), ref["attn_out"], "manual attention output vs the reference", "attn_out")
     attn.use_flash_attn = True
     assert_close(attn(x), ref["attn_out"], "flash attention output vs the reference", "attn_flash")
+
+
+@graded(2, "attn_values", "attn_flash", "mlp",
+        needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_out", "rotary", "block", "gpt_embed",
+               "gpt_logits"))
+def test_dropout_does_nothing_in_eval():
+    """In eval mode every dropout is the identity: a part built with dropout 0.5 equals it at dropout 0."""
+    gpt = load("gpt")
+    x = torch.randn(2, 6, 32)
+    parts = (("manual attention", gpt.CausalSelfAttention, dict(use_flash_attn=False), "attn_values"),
+             ("flash attention", gpt.CausalSelfAttention, dict(use_flash_attn=True), "attn_flash"),
+             ("MLP", gpt.MLP, {}, "mlp"))
+    for what, part, options, todo in parts:
+        plain, dropped = (part(tiny_config(dropout=p, **options)).eval() for p in (0.0, 0.5))
+        dropped.load_state_dict(plain.state_dict())
+        assert_close(dropped(x), plain(x), f"{what} in eval with dropout 0.5 vs dropout 0 (dropout must be off: "
+                     f"nn.Dropout modules know, F.dropout needs training=self.training)", todo)
+    model, plain = tiny_model(dropout=0.5), tiny_model(dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 13, (2, 8))
+    assert_close(model(idx)[0], plain(idx)[0], "GPT logits in eval with dropout 0.5 vs dropout 0", "gpt_embed")
+
+
+@graded(2, "attn_values", "mlp", needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_out"))
+def test_dropout_in_training_drops_probabilities_and_outputs():
+    """In training, dropout zeroes the attention probabilities (attn_dropout, before @ v) and the outputs of
+    attention (resid_dropout) and of the MLP, each element with probability p, scaled by 1 / (1 - p)."""
+    gpt = load("gpt")
+    p, x = 0.5, torch.randn(2, 6, 32)
+    attn = attention(dropout=p, abs_emb=True).train()
+    torch.manual_seed(1)
+    out = attn(x)
+    q, k, v = attn.qkv(x)
+    probs = torch.ones(6, 6).tril().log().add((q @ k.transpose(-2, -1)) / math.sqrt(8)).softmax(-1)  # (B, nh, T, T)
+    torch.manual_seed(1)  # the same random draws, in the same order
+    y = (F.dropout(probs, p, training=True) @ v).transpose(1, 2).reshape(2, 6, 32)
+    assert_close(out, F.dropout(F.linear(y, attn.c_proj.weight, attn.c_proj.bias), p, training=True),
+                 "manual attention in training vs resid_dropout(c_proj(attn_dropout(probabilities) @ v))", "attn_values")
+    mlp = gpt.MLP(tiny_config(dropout=p)).train()
+    torch.manual_seed(2)
+    out = mlp(x)
+    hidden = F.gelu(F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias), approximate="tanh")
+    torch.manual_seed(2)
+    assert_close(out, F.dropout(F.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias), p, training=True),
+                 "MLP in training vs dropout(c_proj(gelu(c_fc(x))))", "mlp")
 
 
 # ----------------------------------------------------------------------------- MLP and block
@@ -330,7 +405,8 @@ def test_mlp(ref):
     assert_close(ref_model(ref).transformer.h[0].mlp(ref["x"]), ref["mlp_out"], "MLP vs the reference", "mlp")
 
 
-@graded(2, "block", "attn_qkv")
+@graded(2, "block", needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_values", "attn_flash",
+                            "attn_out", "rotary", "mlp"))
 def test_block_residual_structure(ref):
     block = ref_model(ref).transformer.h[0]
     x = ref["x"]
@@ -342,19 +418,23 @@ def test_block_residual_structure(ref):
 
 # ----------------------------------------------------------------------------- the whole model
 
-@pytest.mark.parametrize("abs_emb", [False, True], ids=["rotary", "absolute"])
-@graded(3, "gpt_embed", "gpt_logits")
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
+@graded(3, "gpt_logits", "gpt_embed", needs=("block",))
 def test_gpt_logits_reference(ref, abs_emb):
+    rope_model = ref_model(ref)
+    assert_close(rope_model.transformer.h[0](ref["x"]), ref["block_out"], "the model's first Block vs the reference "
+                 "(the parts come first: test_block_residual_structure and the attention tests say which)", "block")
+    rope_ok = close(rope_model(ref["idx"])[0], ref["logits"])
     model = ref_model(ref, abs_emb=abs_emb)
     logits, loss = model(ref["idx"])
     if loss is not None:
         fail("forward(idx) without targets must return loss None", "gpt_loss")
     expected = ref["abs_logits" if abs_emb else "logits"]
     assert_close(logits, expected, f"GPT logits ({'learned' if abs_emb else 'rotary'} positions) vs the reference",
-                 "gpt_embed" if abs_emb else "gpt_logits")
+                 "gpt_embed" if abs_emb and rope_ok else "gpt_logits")
 
 
-@graded(2, "gpt_loss", "gpt_embed")
+@graded(2, "gpt_loss", needs=("gpt_embed", "gpt_logits"))
 def test_gpt_loss_is_cross_entropy(ref):
     model = ref_model(ref)
     logits, loss = model(ref["idx"], ref["targets"])  # targets hold -1 (ignored) at 3 positions
@@ -365,9 +445,9 @@ def test_gpt_loss_is_cross_entropy(ref):
     assert_close(loss, ref["loss"], "loss vs the reference", "gpt_loss")
 
 
-@pytest.mark.parametrize("abs_emb", [False, True], ids=["rotary", "absolute"])
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
 @pytest.mark.parametrize("flash", [False, True], ids=["manual", "flash"])
-@graded(1, "gpt_embed", "gpt_logits")
+@graded(1, "gpt_logits", needs=("gpt_embed", "attn_mask", "attn_flash"))
 def test_gpt_is_causal(flash, abs_emb):
     gpt = load("gpt")
     torch.manual_seed(0)
@@ -375,6 +455,11 @@ def test_gpt_is_causal(flash, abs_emb):
     idx = torch.randint(0, 13, (2, 12))
     idx2 = idx.clone()
     idx2[:, 8:] = (idx2[:, 8:] + 1) % 13  # change the tokens after position 7
+    x = torch.randn(2, 12, 32)
+    x2 = torch.cat((x[:, :8], torch.randn(2, 4, 32)), dim=1)
+    attn = model.transformer.h[0].attn
+    assert_close(attn(x2)[:, :8], attn(x)[:, :8], "the first Block's attention at positions 0..7 after changing "
+                 "positions 8..11", "attn_flash" if flash else "attn_mask")
     assert_close(model(idx2)[0][:, :8], model(idx)[0][:, :8],
                  "logits at positions 0..7 after changing tokens 8..11", "gpt_logits")
 
@@ -397,7 +482,7 @@ def tiny_model(seed=0, **overrides):
     return gpt.GPT(tiny_config(block_size=8, **overrides)).eval()
 
 
-@graded(2, "sample_greedy", "gpt_embed")
+@graded(2, "sample_greedy", needs=("gpt_embed", "gpt_logits"))
 def test_generate_greedy_equals_argmax():
     model = tiny_model()
     idx = torch.randint(0, 13, (2, 3))
@@ -411,6 +496,22 @@ def test_generate_greedy_equals_argmax():
              "sample_greedy")
 
 
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
+@graded(2, "gpt_embed", needs=("rotary", "sample_greedy", "gpt_logits"))
+def test_cached_decoding_equals_uncached(abs_emb):
+    """generate() with the KV cache feeds one new token at a time: its position is the cache's length
+    (offset), for learned positions (wpe) as for rotary ones. It must decode exactly as without the cache."""
+    model = tiny_model(abs_emb=abs_emb)
+    if abs_emb:  # positions that matter: large learned position embeddings
+        model.load_state_dict({**model.state_dict(), "transformer.wpe.weight": torch.randn(8, 32)})
+    idx = torch.randint(0, 13, (4, 2))
+    cached = model.generate(idx, 6, temperature=0, kv_cache=True)
+    plain = model.generate(idx, 6, temperature=0, kv_cache=False)
+    if not torch.equal(cached, plain):
+        fail(f"greedy decoding with the KV cache gave {cached.tolist()}, without it {plain.tolist()}: the new "
+             f"tokens sit at positions offset.. offset+T-1", "gpt_embed" if abs_emb else "rotary")
+
+
 def sample(logits, n=2000, seed=0, **kwargs):
     """n draws of sample_next from the same logits row -> the sampled ids (n,)."""
     gpt = load("gpt")
@@ -418,7 +519,7 @@ def sample(logits, n=2000, seed=0, **kwargs):
     return gpt.sample_next(logits.expand(n, -1), generator=g, **kwargs).view(-1)
 
 
-@graded(2, "sample_top_k", "sample_draw", "sample_temperature")
+@graded(2, "sample_top_k", needs=("sample_draw", "sample_temperature"))
 def test_top_k_never_samples_outside_top_k():
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 0.5, 2.5, 2.0, -1.0]])
     ids = set(sample(logits, top_k=3).tolist())
@@ -430,7 +531,7 @@ def test_top_k_never_samples_outside_top_k():
              f"got {sorted(ids)}", "sample_top_k")
 
 
-@graded(2, "sample_top_p", "sample_draw", "sample_temperature")
+@graded(2, "sample_top_p", needs=("sample_draw", "sample_temperature"))
 def test_top_p_samples_only_the_nucleus():
     probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
     logits = probs.log()
@@ -447,7 +548,28 @@ def test_top_p_samples_only_the_nucleus():
         fail(f"top_k=4 with top_p=0.5 should keep ids {{1, 3}}, got {sorted(ids)}", "sample_top_p")
 
 
-@graded(2, "sample_temperature", "sample_draw")
+@graded(2, "sample_top_p", "sample_temperature", needs=("sample_top_k", "sample_draw"))
+def test_temperature_then_top_k_then_top_p_distribution():
+    """Temperature first, then top-k, then top-p on what is left: the support and the probabilities."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, 0.2]])
+    probs = F.softmax(logits[0] / 0.5, dim=-1)  # temperature 0.5
+    probs[probs < probs.topk(6).values[-1]] = 0  # top_k 6
+    probs /= probs.sum()
+    ranked = probs.sort(descending=True)
+    above = ranked.values.cumsum(0) - ranked.values  # mass ranked above each token
+    probs[ranked.indices[above >= 0.75]] = 0  # top_p 0.75
+    probs /= probs.sum()
+    ids = sample(logits, n=20000, temperature=0.5, top_k=6, top_p=0.75)
+    support = sorted(probs.nonzero().view(-1).tolist())
+    if sorted(set(ids.tolist())) != support:
+        fail(f"temperature 0.5, top_k 6, top_p 0.75: expected ids {support} (temperature first, then top-k, then "
+             f"top-p on the tempered probabilities), got {sorted(set(ids.tolist()))}", "sample_top_p")
+    freq = torch.bincount(ids, minlength=8).float() / len(ids)
+    assert_close(freq, probs, "frequencies of 20000 samples vs the renormalised probabilities", "sample_draw",
+                 atol=0.02)
+
+
+@graded(2, "sample_draw", "sample_temperature", needs=("gpt_embed", "gpt_logits"))
 def test_sampling_follows_probabilities_and_seed():
     probs = torch.tensor([[0.1, 0.6, 0.3]])
     ids = sample(probs.log(), n=20000, seed=1)

@@ -4,7 +4,7 @@ Solution regions: the parts of the code that students write.
     <indent># BEGIN SOLUTION <id>
     <indent># STUB: <one line of code>    optional; the release's stub (default: raise NotImplementedError)
     <indent># PROMPT: <text>              optional; shown only in the release, as a comment
-    <indent># TODO <hint>                 the hint, kept in the release (first line goes into the error message)
+    <indent># TODO <hint>                 the hint, kept in the release (all of it goes into the error message)
     <indent>...solution code...
     <indent># END SOLUTION
 
@@ -38,9 +38,9 @@ class Region:
     code: list  # solution lines (without markers, stub, prompt and hint)
 
     def message(self):
-        first = self.hint[0].strip().lstrip("#").strip() if self.hint else "write this part"
-        first = re.sub(r"^TODO\s*(\(bonus\))?:?\s*", "", first)
-        return f"TODO[{self.id}]: {first}"
+        """'TODO[id]: <the whole hint, its lines joined>'."""
+        lines = [re.sub(r"^TODO:?\s*", "", h.strip().lstrip("#").strip()) for h in self.hint]
+        return f"TODO[{self.id}]: {' '.join(lines) or 'write this part'}"
 
     def release_lines(self):
         """What replaces the region in the student release."""

@@ -284,8 +284,8 @@ def test_zoo_huge_output_is_clipped(zoo):
 
 def test_zoo_wrong_shapes(zoo):
     result = zoo["wrong_shapes"]
-    assert {"test_attention_qkv_shapes_and_heads", "test_attention_reference", "test_gpt_logits_reference[rotary]",
-            "hidden: test_other_shape_matches_plain_torch[manual-rotary]"} <= failed(result)
+    assert {"test_attention_qkv_shapes_and_heads", "test_attention_reference", "test_gpt_logits_reference[rope]",
+            "hidden: test_other_shape_matches_plain_torch[manual-rope]"} <= failed(result)
     assert not failed(result) & names(result, "test_tokenizer", "test_dataset", "test_rmsnorm", "test_rotary")
     assert "should have shape (B, nh, T, hs)" in output(result, "test_attention_qkv_shapes_and_heads")
 
@@ -335,3 +335,11 @@ def test_student_run_shows_todos_and_points(built):
     assert "NotImplementedError: TODO[mlp]: " in proc.stdout and "replace the stub with your code" in proc.stdout
     assert "TODO[mlp]" in proc.stdout.split("TODO regions")[1]
     assert "points: 0 / " in proc.stdout and "points at stake" in proc.stdout
+
+
+def test_readme_tells_students_the_share_of_hidden_points(built):
+    tests = grade.collect(str(built / "autograder" / "pristine"))
+    hidden = sum(t["points"] for t in tests if t["nodeid"].startswith("hidden_tests.py"))
+    total = sum(t["points"] for t in tests)
+    readme = (built / "student" / "README.md").read_text()
+    assert f"hidden tests, {hidden:g} of the {total:g} points ({round(100 * hidden / total)}%)" in readme
