@@ -1,10 +1,11 @@
 """
 Graded tests of Micro-GPT. Run them with `pytest unittests.py` (or `python unittests.py`).
 
-Each test checks one concept, carries its points (@graded) and names the TODO regions it covers;
-a failure says what was expected, what came out, and which TODO to look at. Your modules are
-imported inside the tests, so a mistake in one file fails only the tests that use it.
-Reference values come from unittests_ref.pt (regenerate: python -m instructor reference).
+Each test checks one concept, carries its points (@graded) and names the TODO regions it checks
+(`pytest unittests.py -k <region id>` runs them); a failure says what was expected, what came out,
+and which TODO to look at. Your modules are imported inside the tests, so a mistake in one file
+fails only the tests that use it. Reference values come from unittests_ref.pt, computed with the
+reference solution.
 """
 
 import importlib
