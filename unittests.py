@@ -227,6 +227,8 @@ def test_rotary_offset_and_reference(ref):
     full = rope(x)
     assert_close(rope(x[:, :, 7:12], offset=7), full[:, :, 7:12],
                  "rotary of positions 7..11 given offset=7 vs the same slice of the full sequence", "rotary")
+    if rope(x.bfloat16()).dtype != torch.bfloat16:
+        fail(f"rotary of a bf16 x returned {rope(x.bfloat16()).dtype}: return x's dtype (.type_as(x))", "rotary")
     assert_close(rope(x.bfloat16()).float(), full, "rotary in bf16 (compute in fp32, return x's dtype)", "rotary",
                  atol=0.05, rtol=0.02)
     model = ref_model(ref)
@@ -313,7 +315,7 @@ def plain_attention(attn, x):
     B, T, C = x.shape
     q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2)
                for t in F.linear(x, attn.c_attn.weight, attn.c_attn.bias).split(C, dim=-1))
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(T, T, dtype=torch.bool).tril())  # (B, nh, T, hs)
     return F.linear(y.transpose(1, 2).reshape(B, T, C), attn.c_proj.weight, attn.c_proj.bias)
 
 
@@ -373,7 +375,7 @@ def test_dropout_in_training_drops_probabilities_and_outputs():
     attention (resid_dropout) and of the MLP, each element with probability p, scaled by 1 / (1 - p)."""
     gpt = load("gpt")
     p, x = 0.5, torch.randn(2, 6, 32)
-    attn = attention(dropout=p, abs_emb=True).train()
+    attn = attention(dropout=p, abs_emb=True, use_flash_attn=False).train()
     torch.manual_seed(1)
     out = attn(x)
     q, k, v = attn.qkv(x)
@@ -448,7 +450,8 @@ def test_gpt_loss_is_cross_entropy(ref):
 
 @pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
 @pytest.mark.parametrize("flash", [False, True], ids=["manual", "flash"])
-@graded(1, "gpt_logits", needs=("gpt_embed", "attn_mask", "attn_flash"))
+@graded(1, "gpt_logits", needs=("gpt_embed", "attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_values",
+                                "attn_flash", "attn_out", "rotary", "block", "mlp"))
 def test_gpt_is_causal(flash, abs_emb):
     gpt = load("gpt")
     torch.manual_seed(0)
@@ -530,6 +533,9 @@ def test_top_k_never_samples_outside_top_k():
     if not ids <= {1, 2, 3, 5, 6} or not {2, 6} <= ids:
         fail(f"with top_k=4 the tie at the 4th value keeps ids 2 and 6: expected ids in {{1, 2, 3, 5, 6}}, "
              f"got {sorted(ids)}", "sample_top_k")
+    ids = set(sample(logits, top_k=100).tolist())  # more than the vocabulary: nothing is cut
+    if ids != set(range(8)) - {7} and ids != set(range(8)):
+        fail(f"top_k=100 with 8 ids must keep them all (k = min(top_k, V)), got {sorted(ids)}", "sample_top_k")
 
 
 @graded(2, "sample_top_p", needs=("sample_draw", "sample_temperature"))

@@ -6,29 +6,46 @@
   2. the release imports, and every graded test that covers a region fails there with the TODO[id]
      message of one of its regions (a test that covers none must pass: no student could fix it);
   3. coverage: with any one region alone replaced by its stub, at least one graded test fails;
-  4. no line of solution code appears in the release;
-  5. unittests_ref.pt was generated from the current gpt.py.
+  4. no line of solution code appears in the release, and no released .py file mentions the solution
+     markers or the instructor;
+  5. unittests_ref.pt was generated from the current gpt.py;
+  6. the tests tell right from wrong: every realistic mistake of instructor/mistakes.py loses points
+     and every valid alternative there keeps full marks.
 
 Steps 1-3 grade a release built in a temporary folder with the grader's own machinery. The solution
 run records the lines each test executes, so that each region's stub runs only against the tests that
 execute the region (a test that never reaches a region cannot notice its stub); the runs go in parallel,
 one per CPU core.
+
+Step 6 replaces one region's solution code by a catalogue entry and runs, again, only the graded tests
+that execute that region. A graded run costs about 4.5 s of CPU before its first test (the runner and
+the jail each start Python and torch), which for some 120 entries would be minutes; so the entries run
+one after another in a few plain pytest processes on the graders' own test files (no jail: the code is
+the instructor's), each of them importing torch and pytest once. Every alternative is also graded by
+the grader itself, all alternatives of different regions at once (a few graded runs), so that the real
+grader is seen to give them full marks too.
 """
 
 import concurrent.futures
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
-from instructor import grade, regions, release
+from instructor import grade, mistakes, regions, release
 from instructor.release import ROOT
 
 TIMEOUT = 60.0  # seconds per test; the solution and the stubs come nowhere near it
 TODO_ID = re.compile(r"TODO\[([a-z0-9_]+)\]")
 SHOWN = 3  # failing tests named per region in the coverage table
+INSTRUCTOR_ONLY = re.compile(r"BEGIN SOLUTION|END SOLUTION|instructor", re.IGNORECASE)  # not in released .py files
+MUTANT_WORKERS = min(os.cpu_count() or 2, 4)  # pytest processes that run the catalogue's entries (step 6)
+MUTANT_TIMEOUT = 600.0  # seconds for one of them
 
 
 def graded_run(pristine, modules, select=None, trace=()):
@@ -155,8 +172,244 @@ def reference_problems():
     return []
 
 
+def mentions(student):
+    """-> problems: lines of the released .py files that speak of the solution markers or the instructor."""
+    problems = []
+    for path, (data, _) in sorted(student.items()):
+        if path.endswith(".py"):
+            for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+                found = INSTRUCTOR_ONLY.search(line)
+                if found:
+                    problems.append(f"{path}:{n} in the release mentions {found.group(0)!r}: "
+                                    f"{' '.join(line.split())[:90]}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- step 6: mistakes and alternatives
+
+@dataclass
+class Mutant:
+    """A catalogue entry: one region's solution code replaced."""
+    kind: str  # "mistake" or "alternative"
+    region: str
+    what: str
+    path: str
+    code: list  # the entry's lines, without the region's indent
+
+
+def with_code(text, path, rid, code):
+    """text with the solution code of region rid (the lines strictly between its markers, hint included)
+    replaced by the lines of code, each indented as the region; the markers stay."""
+    region = next((r for r in regions.parse(text, path) if r.id == rid), None)
+    if region is None:
+        raise KeyError(f"{path} has no region {rid}")
+    lines = text.splitlines()
+    body = [region.indent + line if line.strip() else "" for line in code]
+    return "\n".join(lines[:region.start] + body + lines[region.end - 1:]) + ("\n" if text.endswith("\n") else "")
+
+
+def catalogue(found):
+    """-> (mutants, problems): the entries of instructor/mistakes.py; one that names no region or does not
+    compile is a problem."""
+    by_id = {r.id: r for r in found}
+    out, problems = [], []
+    for kind, entries in (("mistake", mistakes.MISTAKES), ("alternative", mistakes.ALTERNATIVES)):
+        for rid, what, code in entries:
+            r = by_id.get(rid)
+            if r is None:
+                problems.append(f"{kind} '{what}' names no region: {rid}")
+                continue
+            try:
+                compile(with_code(source(r.path), r.path, rid, code), r.path, "exec")
+            except SyntaxError as e:
+                problems.append(f"{kind} {rid} ({what}) does not compile: {e.msg} at {r.path}:{e.lineno}")
+                continue
+            out.append(Mutant(kind, rid, what, r.path, list(code)))
+    return out, problems
+
+
+def applied(solution, entries):
+    """The modules ({name: text}) of the solution with each entry's region replaced by its code."""
+    modules = dict(solution)
+    for m in entries:
+        modules[m.path] = with_code(modules[m.path], m.path, m.region, m.code)
+    return modules
+
+
+def mutant_shares(mutants, solution, selections, workers=MUTANT_WORKERS):
+    """The runs of the entries whose region some test executes, split into `workers` lists of about the
+    same number of tests. -> [[(mutant, {"modules": ..., "select": [node ids]}), ...], ...]"""
+    shares, load = [[] for _ in range(workers)], [0] * workers
+    runs = [(m, {"modules": applied(solution, [m]), "select": selections[m.region]})
+            for m in mutants if selections[m.region]]
+    for m, job in sorted(runs, key=lambda run: -len(run[1]["select"])):
+        least = load.index(min(load))
+        shares[least].append((m, job))
+        load[least] += len(job["select"]) + 2  # pytest's own start for each job costs about two tests
+    return [share for share in shares if share]
+
+
+def run_mutants(tests_dir, jobs):
+    """Run jobs ([{"modules": {name: text}, "select": [node ids]}]) one after another in one pytest process
+    (mutant_worker) in tests_dir. -> ([{node id: {passed, output}}, or None for a job that never ran], error)"""
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        spec, out = os.path.join(tmp, "jobs.json"), os.path.join(tmp, "results.jsonl")
+        with open(spec, "w", encoding="utf-8") as f:
+            json.dump(jobs, f)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        error = None
+        try:
+            proc = subprocess.run([sys.executable, "-m", "instructor.check", "--mutant-worker", spec, out],
+                                  cwd=tests_dir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, timeout=MUTANT_TIMEOUT)
+            if proc.returncode:
+                error = f"exit code {proc.returncode}: {proc.stderr.strip()[-500:]}"
+        except subprocess.TimeoutExpired:
+            error = f"still running after {MUTANT_TIMEOUT:g} s, stopped"
+        results = [None] * len(jobs)
+        if os.path.exists(out):
+            with open(out, encoding="utf-8") as f:
+                for line in f:
+                    entry = json.loads(line)
+                    results[entry["job"]] = entry["results"]
+    return results, error
+
+
+def mutant_worker(spec, out):
+    """`python -m instructor.check --mutant-worker JOBS OUT`, run in a folder of graded test files: for each
+    job, its modules in a folder of their own, first on sys.path, and pytest on its selected tests, all in
+    this one process; one JSON line per job to OUT: {"job": n, "results": {node id: {passed, output}}}."""
+    import gc
+    import importlib
+
+    import pytest
+    import torch
+
+    torch.set_num_threads(1)  # as in the grader: tiny tensors, which threads only slow down
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]  # no solution in sight
+    gc.freeze()  # pytest collects garbage after every session: torch's many objects are spared from then on
+
+    class Recorder:
+        def __init__(self):
+            self.results = {}
+
+        def pytest_runtest_logreport(self, report):  # as graded: passed if no phase failed or skipped
+            if report.when == "call" or not report.passed:
+                entry = self.results.setdefault(report.nodeid, {"passed": True, "output": ""})
+                if not report.passed:
+                    entry["passed"] = False
+                    entry["output"] = entry["output"] or report.longreprtext[-2000:]
+
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_call(self, item):
+            signal.alarm(int(TIMEOUT))
+            try:
+                yield
+            finally:
+                signal.alarm(0)
+
+    def alarm(*_):
+        raise TimeoutError(f"timed out: still running after {TIMEOUT:g} s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    with open(spec, encoding="utf-8") as f:
+        jobs = json.load(f)
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp, open(out, "a", encoding="utf-8") as results:
+        for number, job in enumerate(jobs):
+            folder = os.path.join(tmp, str(number))
+            os.mkdir(folder)
+            names = [name[:-3] for name in job["modules"]]
+            for name, text in job["modules"].items():
+                with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+            for name in names:
+                sys.modules.pop(name, None)
+            sys.path.insert(0, folder)
+            importlib.invalidate_caches()
+            recorder = Recorder()
+            try:
+                pytest.main([*grade.PYTEST_ARGS, *job["select"]], plugins=[recorder])
+            finally:
+                sys.path.remove(folder)
+            elsewhere = [n for n in names if n in sys.modules
+                         and os.path.dirname(os.path.abspath(getattr(sys.modules[n], "__file__", "") or "")) != folder]
+            if elsewhere:  # the tests saw some other copy of a module: none of them counts
+                recorder.results = {nodeid: {"passed": False, "output": f"{', '.join(elsewhere)} imported from "
+                                                                          f"elsewhere"} for nodeid in job["select"]}
+            results.write(json.dumps({"job": number, "results": recorder.results}) + "\n")
+            results.flush()
+    return 0
+
+
+def together(mutants):
+    """The alternatives, grouped so that no two in a group share a region: the first alternative of every
+    region, then the second, ..."""
+    groups = []
+    for m in mutants:
+        if m.kind == "alternative":
+            group = next((g for g in groups if all(other.region != m.region for other in g)), None)
+            if group is None:
+                groups.append(group := [])
+            group.append(m)
+    return groups
+
+
+def mutation_table(found, outcomes, points, executed_by, graded_together):
+    """-> (table lines, problems). outcomes: [(mutant, select, results or None, error)]; graded_together:
+    [(alternatives, grade.run_tests' triple)], the alternatives of each graded at once by the grader."""
+    lines, problems = [], []
+    width = max(len(r.id) for r in found)
+    where = max(len(f"{r.path}:{r.start}") for r in found)
+    verdicts = {r.id: {"mistake": [], "alternative": []} for r in found}  # True: caught / kept
+    broken = set()  # (region, what) of the alternatives that lose points
+    for m, select, results, error in outcomes:
+        tally = verdicts[m.region][m.kind]
+        missing = [nodeid for nodeid in select if results is None or nodeid not in results]
+        if missing:
+            tally.append(False)
+            problems.append(f"{m.kind} {m.region} ({m.what}): {len(missing)} of the {len(select)} graded tests that "
+                            f"execute it did not run ({error or 'not collected'})")
+            continue
+        failing = [nodeid for nodeid in select if not results[nodeid]["passed"]]
+        if m.kind == "mistake":
+            tally.append(any(points.get(nodeid) for nodeid in failing))
+            if not tally[-1]:
+                problems.append(f"mistake not caught: {m.region}: {m.what} (" + (
+                    "no graded test executes the region" if not select else
+                    ("the graded test that executes it passes" if len(select) == 1 else
+                     f"the {len(select)} graded tests that execute it pass")
+                    + (" or fail for no points" if failing else "")) + ")")
+        else:
+            tally.append(not failing)
+            if failing:
+                broken.add((m.region, m.what))
+                first = failing[0]
+                problems.append(f"alternative loses points: {m.region}: {m.what}: {len(failing)} of the {len(select)} "
+                                f"graded tests that execute it fail, e.g. {first.partition('::')[2]}: "
+                                f"{grade.reason(results[first]['output'])}")
+    for r in found:
+        caught, kept = verdicts[r.id]["mistake"], verdicts[r.id]["alternative"]
+        lines.append(f"{r.id:<{width}}  {f'{r.path}:{r.start}':<{where}}  mistakes caught "
+                     f"{sum(caught):>2}/{len(caught):<2}  alternatives kept {sum(kept)}/{len(kept)}")
+        if not caught:
+            problems.append(f"region {r.id} has no mistake in instructor/mistakes.py")
+    for members, (tests, results, errors) in graded_together:
+        problems += errors
+        failing = [t["nodeid"] for t in tests if not results[t["nodeid"]]["passed"]]
+        suspects = {nodeid: [m for m in members if nodeid in executed_by[m.region]] for nodeid in failing}
+        unexplained = [nodeid for nodeid in failing if not any((m.region, m.what) in broken for m in suspects[nodeid])]
+        if unexplained:  # each of them keeps full marks alone, yet the grader takes points from them together
+            first = unexplained[0]
+            problems.append(f"alternatives that keep full marks alone lose points graded together by the grader: "
+                            f"{len(unexplained)} of {len(tests)} tests fail, e.g. {first.partition('::')[2]}: "
+                            f"{grade.reason(results[first]['output'])}; it executes "
+                            f"{'; '.join(f'{m.region} ({m.what})' for m in suspects[first]) or 'none of them'}")
+    return lines, problems
+
+
 def check(file=None):
-    """Run the five steps, printing an OK / FAIL line for each (to file, default stdout). -> True if all pass."""
+    """Run the six steps, printing an OK / FAIL line for each (to file, default stdout). -> True if all pass."""
     start, file = time.monotonic(), file or sys.stdout
 
     def report(number, title, problems, details=()):
@@ -170,6 +423,7 @@ def check(file=None):
         student = release.student_files()
     except release.ReleaseError as e:
         return report(0, "markers", [str(e)])
+    entries, wrong_entries = catalogue(found)
     ok = []
     with tempfile.TemporaryDirectory(prefix="release-") as tmp, \
             concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
@@ -180,16 +434,31 @@ def check(file=None):
         release_run = pool.submit(graded_run, pristine, {})
         imported = pool.submit(import_error, os.path.join(tmp, "student"))
         leaked, looked_for = leaks(found, student)  # meanwhile
+        mentioned = mentions(student)
         stale = reference_problems()
+        os.mkdir(os.path.join(tmp, "nothing"))
+        grade.prepare(pristine, os.path.join(tmp, "nothing"), os.path.join(tmp, "mutants"))  # the test files
         executed = solution_run.result()[1]
+        order = {nodeid: n for n, nodeid in enumerate(executed)}
+        selections = {r.id: executing(r, executed) for r in found}
+
+        # the longest runs first: the catalogue's entries, then its alternatives graded together, then the stubs
+        shares = [(share, pool.submit(run_mutants, os.path.join(tmp, "mutants", "tests"), [job for _, job in share]))
+                  for share in mutant_shares(entries, solution, selections)]
+        graded_together = []
+        for members in together(entries):
+            select = sorted(set().union(*(selections[m.region] for m in members)), key=order.get)
+            if select:
+                graded_together.append((members, pool.submit(graded_run, pristine, applied(solution, members),
+                                                             select)))
         stubbed = {}
         for r in found:
-            select = executing(r, executed)
-            if select:  # else no test reaches the region, so none can fail: it is reported uncovered
+            if selections[r.id]:  # else no test reaches the region, so none can fail: it is reported uncovered
                 stubbed[r.id] = pool.submit(graded_run, pristine, {
-                    **solution, r.path: regions.strip(source(r.path), r.path, only={r.id})}, select)
+                    **solution, r.path: regions.strip(source(r.path), r.path, only={r.id})}, selections[r.id])
 
         tests = solution_run.result()[0]
+        points = {t["nodeid"]: t["points"] for t in tests}
         ok.append(report(1, f"the solution passes every graded test ({len(tests)} tests, "
                             f"{sum(t['points'] for t in tests):g} points)", solution_problems(solution_run.result())))
         ok.append(report(2, "the release imports and its region tests fail with their TODO messages",
@@ -198,7 +467,24 @@ def check(file=None):
                                                   for r in found})
         ok.append(report(3, f"coverage: each of the {len(found)} regions alone stubbed fails a graded test",
                          uncovered, table))
-    ok.append(report(4, f"no line of solution code in the release ({looked_for} lines looked for)", leaked))
-    ok.append(report(5, "unittests_ref.pt was generated from the current gpt.py", stale))
+        ok.append(report(4, f"no line of solution code in the release ({looked_for} lines looked for), no mention "
+                            f"of the markers or the instructor", leaked + mentioned))
+        ok.append(report(5, "unittests_ref.pt was generated from the current gpt.py", stale))
+        outcomes = []
+        for share, future in shares:
+            results, error = future.result()
+            outcomes += [(m, job["select"], result, error) for (m, job), result in zip(share, results)]
+        outcomes += [(m, [], {}, None) for m in entries if not selections[m.region]]
+        table, wrong = mutation_table(found, outcomes, points, selections,
+                                      [(members, future.result()) for members, future in graded_together])
+    number = {kind: sum(m.kind == kind for m in entries) for kind in ("mistake", "alternative")}
+    ok.append(report(6, f"the tests tell right from wrong: each of {number['mistake']} mistakes loses points, each of "
+                        f"{number['alternative']} alternatives keeps full marks", wrong_entries + wrong, table))
     print(f"check {'passed' if all(ok) else 'FAILED'} in {time.monotonic() - start:.0f} s", file=file)
     return all(ok)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--mutant-worker"] and len(sys.argv) == 4:
+        sys.exit(mutant_worker(sys.argv[2], sys.argv[3]))
+    sys.exit("usage: python -m instructor.check --mutant-worker JOBS OUT (check itself: python -m instructor check)")

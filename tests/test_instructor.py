@@ -148,7 +148,20 @@ def test_check_passes_on_this_repository(capsys):
     ok = check.check()
     out = capsys.readouterr().out
     assert ok, out
-    assert out.count("\nOK  ") + out.startswith("OK  ") == 5
+    assert out.count("\nOK  ") + out.startswith("OK  ") == 6
+
+
+def test_check_catalogue_entries_replace_one_region():
+    found = release.solution_regions()
+    entries, problems = check.catalogue(found)
+    assert not problems
+    assert {m.region for m in entries if m.kind == "mistake"} == {r.id for r in found}  # a mistake in every region
+    text = solution("gpt.py")
+    mlp = next(r for r in regions.parse(text, "gpt.py") if r.id == "mlp")
+    changed = check.with_code(text, "gpt.py", "mlp", ["h = self.c_fc(x)", "", "return self.c_proj(h)"])
+    assert changed.splitlines() == (text.splitlines()[:mlp.start] + [mlp.indent + "h = self.c_fc(x)", "",
+                                    mlp.indent + "return self.c_proj(h)"] + text.splitlines()[mlp.end - 1:])
+    assert [r.id for r in regions.parse(changed, "gpt.py")] == [r.id for r in regions.parse(text, "gpt.py")]
 
 
 # ----------------------------------------------------------------------------- grading
