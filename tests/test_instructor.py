@@ -26,10 +26,7 @@ def solution(path):
 
 def with_region(path, rid, *code):
     """The solution's file with region rid's code replaced by the given lines."""
-    text = solution(path)
-    lines = text.splitlines()
-    region = next(r for r in regions.parse(text, path) if r.id == rid)
-    return "\n".join(lines[:region.start - 1] + [region.indent + c for c in code] + lines[region.end:]) + "\n"
+    return check.with_code(solution(path), path, rid, list(code))
 
 
 # ----------------------------------------------------------------------------- markers
