@@ -1,11 +1,14 @@
 """
 The configuration of train.py: one typed dataclass, TrainConfig, and the one ArgumentParser that fills it.
 Every field is a command-line flag of the same name (`--n_layer 4 --learning_rate 3e-3`); booleans
-come as `--bias / --no-bias`. The defaults are the GPU configuration: nanoGPT's "baby GPT" on tiny
-shakespeare (6 layers, 6 heads, 384 wide, block 256, batch 64, 5000 steps).
+come as `--bias / --no-bias` (or `--no_bias`); the option names of the course's earlier templates
+(`--num_epochs`, `--train_batch_size`, `--clip_grad_norm`, ...) are accepted as aliases. The defaults
+are the GPU configuration: nanoGPT's "baby GPT" on tiny shakespeare (6 layers, 6 heads, 384 wide,
+block 256, batch 64, 5000 steps).
 """
 
 import argparse
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -15,7 +18,13 @@ import torch
 
 from gpt import GPTConfig
 
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGUSR1/SIGTERM after saving last.pt; requeue / run again to resume
+EXIT_FAILED = 1  # the training loss became NaN/inf
+EXIT_USAGE = 2  # a bad option, text or checkpoint: nothing was written
+EXIT_IO = 74  # EX_IOERR: a file could not be written (disk full, read-only, permissions); earlier files are intact
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by Ctrl-C/SIGUSR1/SIGTERM after saving last.pt; run again to resume
+EXIT_ABORTED = 130  # a second Ctrl-C: stopped at once, without saving (the last checkpoint is intact)
+
+DEFAULT_MAX_STEPS = 5000
 
 MODEL_PRESETS = {  # --model_type -> shape; --n_layer / --n_head / --n_embd override single fields
     "gpt-nano": dict(n_layer=3, n_head=3, n_embd=48),
@@ -63,19 +72,22 @@ class TrainConfig:
                                     "text is encoded with its BPE and the shape options above are ignored", "model")
     # optimisation
     batch_size: int = arg(64, "sequences per micro-batch per process; one step sees batch_size x "
-                          "grad_accum x processes sequences (the global batch)", "optimisation")
+                          "grad_accum x processes sequences (the global batch)", "optimisation",
+                          aliases=["--train_batch_size"])
     grad_accum: int = arg(1, "micro-batches accumulated per optimizer step", "optimisation")
     learning_rate: float = arg(1e-3, "peak learning rate (AdamW)", "optimisation")
     min_lr: float = arg(1e-4, "learning rate at the end of the cosine decay", "optimisation")
     warmup_steps: int = arg(100, "steps of linear warmup from learning_rate/warmup_steps to learning_rate",
                             "optimisation")
-    max_steps: int = arg(5000, "optimizer steps in total (the cosine decay ends here)", "optimisation")
-    epochs: Optional[int] = arg(None, "train for this many passes over the training windows instead "
-                                "(sets max_steps)", "optimisation")
+    max_steps: Optional[int] = arg(None, f"optimizer steps in total, where the cosine decay ends (default: "
+                                   f"{DEFAULT_MAX_STEPS})", "optimisation", aliases=["--max_iters"])
+    epochs: Optional[int] = arg(None, "train for this many passes over the training windows instead of "
+                                "--max_steps", "optimisation", aliases=["--num_epochs"])
     weight_decay: float = arg(0.1, "AdamW weight decay on matrices (not on biases and norms)", "optimisation")
     beta1: float = arg(0.9, "AdamW beta1", "optimisation")
     beta2: float = arg(0.99, "AdamW beta2 (0.99 suits small batches of characters)", "optimisation")
-    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)", "optimisation")
+    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)", "optimisation",
+                           aliases=["--clip_grad_norm"])
     # evaluation and sampling
     eval_interval: int = arg(250, "evaluate on the validation split every this many steps (and at the end)",
                              "evaluation")
@@ -83,15 +95,17 @@ class TrainConfig:
                           "windows", "evaluation")
     log_interval: int = arg(10, "log training loss, tokens/s, lr and grad norm every this many steps", "evaluation")
     sample_interval: Optional[int] = arg(None, "print a text sample every this many steps "
-                                         "(default: at every evaluation)", "evaluation")
-    sample_prompt: str = arg("\n", "the fixed prompt of the samples", "evaluation")
+                                         "(default: at every evaluation)", "evaluation",
+                                         aliases=["--generate_every_n_steps"])
+    sample_prompt: Optional[str] = arg(None, "the fixed prompt of the samples (default: a newline, or the text's "
+                                       "first character when it has no newline)", "evaluation")
     sample_length: int = arg(200, "tokens (characters, or GPT-2's BPE tokens) per sample (0: no samples)",
                              "evaluation")
     sample_temperature: float = arg(0.8, "sampling temperature (0: greedy)", "evaluation")
     # checkpoints
     out_dir: Optional[str] = arg(None, "run folder: last.pt, best.pt, config.json, tokenizer.json, train.log, "
                                  "TensorBoard events (default: runs/<text file name>-<model_type or pretrained name>)",
-                                 "checkpoints")
+                                 "checkpoints", aliases=["--log_dir"])
     checkpoint_interval: int = arg(250, "write last.pt every this many steps (and at exit)", "checkpoints")
     resume: Optional[bool] = arg(None, "continue the run in out_dir from last.pt (default: yes if it exists; "
                                  "--no-resume starts afresh and overwrites it)", "checkpoints")
@@ -116,14 +130,29 @@ class TrainConfig:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's multi-line usage dump
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+class Switch(argparse.BooleanOptionalAction):
+    """--flag / --no-flag, and --no_flag as well (both spellings are in use)."""
+
+    def __init__(self, option_strings, **kwargs):
+        super().__init__(option_strings, **kwargs)
+        self.option_strings += ["--no_" + s[2:] for s in option_strings]
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith(("--no-", "--no_")))
 
 
 TRAIN_EPILOG = (f"quick CPU run (val loss <= 1.70 on tiny shakespeare in ~100 s on 2 cores):\n"
                 f"  python train.py {CPU_QUICK_RUN}\n"
-                f"exit codes: 0 done; 1 failed (e.g. loss became NaN); 2 bad option or data; "
-                f"{EXIT_INTERRUPTED} interrupted by SIGUSR1/SIGTERM after writing last.pt: run the "
-                f"same command again (requeue) to resume")
+                f"exit codes: 0 done; {EXIT_FAILED} the loss became NaN/inf; {EXIT_USAGE} bad option, text or "
+                f"checkpoint; {EXIT_IO} a file could not be written (disk full, permissions); {EXIT_INTERRUPTED} "
+                f"stopped by Ctrl-C, SIGUSR1 or SIGTERM after writing last.pt: run the same command again (or "
+                f"requeue) to resume; {EXIT_ABORTED} a second Ctrl-C stopped it at once (the last checkpoint is "
+                f"kept)")
+SAMPLE_EPILOG = (f"exit codes: 0 done; {EXIT_USAGE} bad option, prompt or checkpoint; {EXIT_IO} --output could not "
+                 f"be written; {EXIT_ABORTED} stopped by Ctrl-C")
 
 
 def build_parser(config_class=TrainConfig, description="Train a character-level GPT.", epilog=TRAIN_EPILOG):
@@ -136,7 +165,7 @@ def build_parser(config_class=TrainConfig, description="Train a character-level 
         typ = [t for t in typing.get_args(f.type) if t is not type(None)][0] if typing.get_args(f.type) else f.type
         kwargs = dict(default=f.default, help=meta["help"] + (" (default: %(default)r)" if f.default is not None else ""))
         if typ is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["action"] = Switch
         else:
             kwargs["type"] = typ
             kwargs["metavar"] = typ.__name__.upper()
@@ -159,17 +188,28 @@ def parse_config(argv=None):
     return cfg
 
 
-def validate(cfg):
-    def check(ok, message):
-        if not ok:  # written so that NaN fails every check
-            raise ValueError(message)
+def check(ok, message):
+    if not ok:  # conditions are written so that NaN fails them
+        raise ValueError(message)
 
+
+def check_finite(cfg, names):
+    for name in names:
+        value = getattr(cfg, name)
+        check(value is None or math.isfinite(value), f"--{name} must be a finite number, got {value}")
+
+
+def validate(cfg):
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps", "eval_interval",
                  "eval_iters", "log_interval", "checkpoint_interval", "sample_interval", "epochs"):
         value = getattr(cfg, name)
         check(value is None or value > 0, f"--{name} must be a positive integer, got {value}")
+    check(cfg.epochs is None or cfg.max_steps is None,
+          f"--epochs {cfg.epochs} and --max_steps {cfg.max_steps} both set the length of the run; pass one of them")
     for name in ("warmup_steps", "sample_length", "num_workers", "seed"):
         check(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    check_finite(cfg, ("val_fraction", "dropout", "learning_rate", "min_lr", "weight_decay", "beta1", "beta2",
+                       "grad_clip", "sample_temperature"))
     check(0 < cfg.val_fraction < 1, f"--val_fraction must be between 0 and 1 (e.g. 0.1), got {cfg.val_fraction}")
     check(cfg.learning_rate > 0, f"--learning_rate must be positive, got {cfg.learning_rate}")
     check(0 <= cfg.min_lr <= cfg.learning_rate,
@@ -178,7 +218,7 @@ def validate(cfg):
     for name in ("beta1", "beta2"):
         check(0 <= getattr(cfg, name) < 1, f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
     check(cfg.grad_clip >= 0, f"--grad_clip must be >= 0 (0 turns clipping off), got {cfg.grad_clip}")
-    check(cfg.sample_temperature >= 0, f"--sample_temperature must be >= 0, got {cfg.sample_temperature}")
+    check(cfg.sample_temperature >= 0, f"--sample_temperature must be >= 0 (0 is greedy), got {cfg.sample_temperature}")
     check(cfg.out_dir is None or not os.path.isfile(cfg.out_dir), f"--out_dir {cfg.out_dir} is a file; pass a folder")
     try:
         cfg.model_config(vocab_size=1)  # shape checks (positive sizes, n_embd divisible by n_head, ...)
@@ -245,14 +285,15 @@ def resolve_precision(precision, device):
 class SampleConfig:
     # source
     checkpoint: Optional[str] = arg(None, "a run folder of train.py (its best.pt, else last.pt) or a .pt file",
-                                    "source")
+                                    "source", aliases=["--model_weights_folder"])
     pretrained: Optional[str] = arg(None, "OpenAI's GPT-2 instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                                     "(downloaded once) or a local folder in Hugging Face layout", "source")
     # what to generate
     prompt: Optional[str] = arg(None, "text to continue, or FILE:path to read it from a file (default: a newline; "
                                 "<|endoftext|> for GPT-2)", "sampling", aliases=["--start"])
     num_samples: int = arg(1, "samples to draw (generated together as one batch)", "sampling")
-    max_new_tokens: int = arg(500, "tokens to add to the prompt (characters for a character model)", "sampling")
+    max_new_tokens: int = arg(500, "tokens to add to the prompt (characters for a character model)", "sampling",
+                              aliases=["--num_generated_tokens"])
     temperature: float = arg(0.8, "divide the logits by this: < 1 safer, > 1 wilder, 0 greedy", "sampling")
     top_k: Optional[int] = arg(None, "sample only among the k most likely tokens", "sampling")
     top_p: Optional[float] = arg(None, "sample only from the smallest set of tokens whose probability "
@@ -271,20 +312,16 @@ class SampleConfig:
 
 def parse_sample_config(argv=None):
     """generate.py's command line -> validated SampleConfig. Raises ValueError with a one-line message."""
-    cfg = SampleConfig(**vars(build_parser(SampleConfig, "Sample from a trained Micro-GPT or from GPT-2.").parse_args(argv)))
+    cfg = SampleConfig(**vars(build_parser(SampleConfig, "Sample from a trained Micro-GPT or from GPT-2.", SAMPLE_EPILOG).parse_args(argv)))
     if (cfg.checkpoint is None) == (cfg.pretrained is None):
         raise ValueError("pass either --checkpoint RUN_FOLDER_OR_FILE or --pretrained gpt2 (exactly one)")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.top_k is not None and cfg.top_k < 1:
-        raise ValueError(f"--top_k must be a positive integer, got {cfg.top_k}")
-    if not cfg.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {cfg.temperature}")
+    check(cfg.top_p is None or 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}")
+    check(cfg.top_k is None or cfg.top_k >= 1, f"--top_k must be a positive integer, got {cfg.top_k}")
+    check_finite(cfg, ("temperature",))
+    check(cfg.temperature >= 0, f"--temperature must be >= 0 (0 is greedy), got {cfg.temperature}")
     for name in ("num_samples", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    if cfg.output and os.path.isdir(cfg.output):
-        raise ValueError(f"--output {cfg.output} is a folder; pass a file name")
+        check(getattr(cfg, name) >= 1, f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    check(not (cfg.output and os.path.isdir(cfg.output)), f"--output {cfg.output} is a folder; pass a file name")
     cfg.device = resolve_device(cfg.device)
     cfg.precision = resolve_precision(cfg.precision, cfg.device)
     return cfg

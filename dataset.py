@@ -31,21 +31,70 @@ class DataError(ValueError):
     """A problem with the input data, with a message that says how to fix it."""
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's own is 0600)
+TMP_SUFFIX = ".tmp"  # temporary files are .<name>.<random>.tmp beside their target
+
+
 def atomic_write(path, data):
-    """Write bytes or str to path via a temporary file in the same folder and a rename,
-    so that a crash never leaves a half-written file behind."""
+    """Write data (bytes, str, or a function that writes to a binary file) to path through a temporary
+    file in the same folder, fsync and rename: a crash or a full disk never leaves a half-written file,
+    and an existing file at path stays as it was unless the new one is complete. Raises OSError."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            os.fchmod(f.fileno(), FILE_MODE)
+            if callable(data):
+                recorder = _Recorder(f)
+                try:
+                    data(recorder)
+                except RuntimeError:
+                    if recorder.error:  # torch.save's report of a failed write: raise the write's own error
+                        raise recorder.error from None
+                    raise
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the target
+            raise OSError(e.errno, e.strerror, path) from None
         raise
+
+
+class _Recorder:
+    """A file that remembers the OSError of a failed write: torch.save reports a full disk as a
+    RuntimeError about stream positions."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of writes that a kill interrupted; -> their names."""
+    names = sorted(n for n in os.listdir(folder) if n.startswith(".") and n.endswith(TMP_SUFFIX))
+    for name in names:
+        os.unlink(os.path.join(folder, name))
+    return names
 
 
 class Tokenizer:
@@ -69,16 +118,23 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, s):
         """str -> list[int]; raises DataError naming any character the tokenizer has never seen."""
-        unknown = [(i, ch) for i, ch in enumerate(s) if ch not in self.stoi]
+        unknown = self.unknown(s)
         if unknown:
-            shown = ", ".join(f"{ch!r} at position {i}{self._suggest(ch)}" for i, ch in unknown[:5])
-            more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-            raise DataError(f"unknown character(s) {shown}{more}: not in the tokenizer's vocabulary of "
-                            f"{self.vocab_size} characters; remove them or train on a text that has them")
+            raise DataError(f"{unknown}: not in the tokenizer's vocabulary of {self.vocab_size} characters; "
+                            f"remove them or train on a text that has them")
         # BEGIN SOLUTION tokenizer_encode
         # TODO: map every character of s to its id with self.stoi. -> list[int] of len(s)
         return [self.stoi[ch] for ch in s]
         # END SOLUTION
+
+    def unknown(self, s):
+        """"unknown character(s) 'é' at position 3 (closest: 'e'), ..." for the characters of s that the
+        tokenizer has never seen, or "" when it knows them all."""
+        unknown = [(i, ch) for i, ch in enumerate(s) if ch not in self.stoi]
+        if not unknown:
+            return ""
+        shown = ", ".join(f"{ch!r} at position {i}{self._suggest(ch)}" for i, ch in unknown[:5])
+        return f"unknown character(s) {shown}" + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
 
     def _suggest(self, ch):
         """' (closest: 'e')' for 'é' when 'e' is known: the character without accents, or in the other case."""
@@ -224,24 +280,28 @@ def train_val_split(data, val_fraction):
     return data[:n], data[n:]
 
 
-def read_text(path):
-    """The text of a UTF-8 file, or a one-line DataError saying what is wrong with it."""
+def read_text(path, option="--txt_file"):
+    """The text of a UTF-8 file, or a one-line DataError saying what is wrong with it (option: the
+    command-line option that named the file)."""
     if os.path.isdir(path):
-        raise DataError(f"{path} is a directory; pass a text file to --txt_file")
+        raise DataError(f"{option} {path} is a folder; pass a text file")
     if not os.path.exists(path):
-        raise DataError(f"{path} does not exist; pass an existing text file to --txt_file")
+        raise DataError(f"{option} {path} does not exist; check the path")
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
+        raise DataError(f"cannot read {option} {path}: {e.strerror}; check the path and its permissions") from None
+    if b"\0" in raw[:65536]:
+        raise DataError(f"{option} {path} is a binary file, not text (a NUL byte at position {raw.index(0)}); "
+                        f"pass a UTF-8 text file")
     try:
         text = raw.decode("utf-8-sig")  # utf-8, ignoring a byte-order mark
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. "
-                        f"`iconv -f latin1 -t utf-8 {path} > out.txt`") from None
+        raise DataError(f"{option} {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8, e.g. "
+                        f"`iconv -f latin1 -t utf-8 {path} > out.txt` for a Latin-1 file") from None
     if not text:
-        raise DataError(f"{path} is empty; pass a file with text in it")
+        raise DataError(f"{option} {path} is empty; pass a file with text in it")
     return text.replace("\r\n", "\n")
 
 

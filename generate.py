@@ -7,60 +7,83 @@ Sample text from a model trained with train.py, or from OpenAI's pretrained GPT-
 
 All options: `python generate.py --help` (cfg.py). Generation uses a KV cache (--no-kv_cache turns it
 off; the tokens are the same). A model with learned positions attends to the last block_size tokens:
-longer samples slide that window, as rotary models do. Exit codes: 0 done, 2 bad option or input.
+longer samples slide that window, as rotary models do. Exit codes: 0 done; 2 bad option, prompt or
+checkpoint; 74 --output cannot be written; 130 stopped by Ctrl-C.
 """
 
 import os
 import sys
+import tempfile
 
 import torch
 
-from cfg import parse_sample_config
+from cfg import EXIT_ABORTED, EXIT_IO, EXIT_USAGE, parse_sample_config
 from dataset import DataError, GPT2Tokenizer, atomic_write, read_text, tokenizer_from_dict
 from gpt import GPT, GPTConfig, pretrained_folder
+from train import load_checkpoint
 
 SEPARATOR = "\n" + "-" * 30 + " sample {i} of {n} " + "-" * 30 + "\n"
 
 
-def checkpoint_path(source):
-    """A checkpoint file, or a run folder's best.pt, else its last.pt."""
-    if os.path.isdir(source):
-        for name in ("best.pt", "last.pt"):
-            if os.path.isfile(os.path.join(source, name)):
-                return os.path.join(source, name)
-        raise DataError(f"{source} holds no best.pt or last.pt; pass a run folder of train.py or a .pt file")
-    if not os.path.isfile(source):
-        raise DataError(f"checkpoint {source} does not exist; pass a run folder of train.py or a .pt file")
-    return source
+class OutputError(ValueError):
+    """--output cannot be written (exit EXIT_IO)."""
+
+
+def load_run(source):
+    """A checkpoint file, or a run folder's best.pt, else (missing or damaged) its last.pt -> (path, checkpoint)."""
+    if not os.path.isdir(source):
+        if not os.path.isfile(source):
+            raise DataError(f"--checkpoint {source} does not exist; pass a run folder of train.py or a .pt file")
+        return source, load_checkpoint(source)
+    best, last = os.path.join(source, "best.pt"), os.path.join(source, "last.pt")
+    if not os.path.isfile(best) and not os.path.isfile(last):
+        raise DataError(f"--checkpoint {source} holds no best.pt or last.pt; pass a run folder of train.py or a .pt file")
+    try:
+        return best, load_checkpoint(best)
+    except ValueError as e:
+        if not os.path.isfile(last):
+            raise
+        if os.path.isfile(best):
+            print(f"warning: {e}; sampling from {last} instead", file=sys.stderr)
+        return last, load_checkpoint(last)
 
 
 def load_model(cfg):
-    """-> (model in eval mode on cfg.device, tokenizer)."""
+    """-> (model in eval mode on cfg.device, tokenizer, where it came from)."""
     if cfg.pretrained:
         folder = pretrained_folder(cfg.pretrained)  # the weights and the BPE files
         model = GPT.from_pretrained(folder)
         tokenizer = GPT2Tokenizer(folder)
+        source = folder
     else:
-        path = checkpoint_path(cfg.checkpoint)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated file, not a zip, or pickled objects weights_only refuses
-            raise DataError(f"cannot read checkpoint {path} ({type(e).__name__}); it is corrupt or not a "
-                            f"PyTorch checkpoint: pass a best.pt or last.pt written by train.py") from None
-        if not isinstance(ckpt, dict) or not {"model", "model_config", "tokenizer"} <= ckpt.keys():
-            raise DataError(f"{path} is not a Micro-GPT checkpoint (no model, model_config and tokenizer); "
-                            f"pass one written by train.py, or a GPT-2 with --pretrained")
+        path, ckpt = load_run(cfg.checkpoint)
         model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+        source = f"{path} (step {ckpt['step']}, best val loss {ckpt['best_val_loss']:.4f})" if "step" in ckpt else path
+    if cfg.top_k is not None and cfg.top_k > tokenizer.vocab_size:
+        raise DataError(f"--top_k {cfg.top_k} is more than the model's vocabulary of {tokenizer.vocab_size} tokens; "
+                        f"pass at most {tokenizer.vocab_size}, or leave it out to sample from all of them")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    return model.to(device=cfg.device, dtype=dtype).eval(), tokenizer
+    return model.to(device=cfg.device, dtype=dtype).eval(), tokenizer, source
+
+
+def check_output(path):
+    """Before sampling: --output can be written (its folder exists and takes a new file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OutputError(f"--output {path}: the folder {folder} does not exist; create it or pass another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write --output {path}: {e.strerror}; pass a path in a folder you can write to")
 
 
 def prompt_text(cfg, is_gpt2):
     if cfg.prompt is None:  # GPT-2 starts documents after <|endoftext|>; character models after a newline
         return "<|endoftext|>" if is_gpt2 else "\n"
-    text = read_text(cfg.prompt[len("FILE:"):]) if cfg.prompt.startswith("FILE:") else cfg.prompt
+    text = read_text(cfg.prompt[len("FILE:"):], "--prompt FILE:") if cfg.prompt.startswith("FILE:") else cfg.prompt
     if not text:
         raise DataError("the prompt is empty; give some text, or leave --prompt out for the default")
     return text
@@ -68,14 +91,29 @@ def prompt_text(cfg, is_gpt2):
 
 def main(argv=None):
     try:
+        return generate(argv)
+    except KeyboardInterrupt:
+        print("\nerror: stopped by Ctrl-C", file=sys.stderr)
+        return EXIT_ABORTED
+
+
+def error(message, code):
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def generate(argv):
+    try:
         cfg = parse_sample_config(argv)
-        model, tokenizer = load_model(cfg)
+        if cfg.output:
+            check_output(cfg.output)
+        model, tokenizer, source = load_model(cfg)
         is_gpt2 = isinstance(tokenizer, GPT2Tokenizer)
         prompt = prompt_text(cfg, is_gpt2)
         ids = tokenizer.encode(prompt)
-    except (ValueError, OSError) as e:  # DataError and GPTConfig's errors are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # DataError and GPTConfig's errors are ValueErrors
+        return error(e, EXIT_IO if isinstance(e, OutputError) else EXIT_USAGE)
+    print(f"sampling from {source}", file=sys.stderr)
     stop = tokenizer.eot_token if is_gpt2 and cfg.stop_at_eot else None
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)
     options = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator,
@@ -91,7 +129,10 @@ def main(argv=None):
     text = "".join(SEPARATOR.format(i=i + 1, n=len(samples)) + prompt + s for i, s in enumerate(samples)) + "\n"
     print("\n" if cfg.stream else text, end="")
     if cfg.output:
-        atomic_write(cfg.output, text)
+        try:
+            atomic_write(cfg.output, text)
+        except OSError as e:
+            return error(f"cannot write --output {cfg.output}: {e.strerror}; the samples are printed above", EXIT_IO)
     return 0
 
 

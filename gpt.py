@@ -372,12 +372,17 @@ class GPT(nn.Module):
         """OpenAI's GPT-2 from Hugging Face weights: a name in GPT2_NAMES (downloaded once into the Hugging
         Face cache) or a local folder with config.json and model.safetensors (or a sharded index)."""
         folder = pretrained_folder(name_or_dir)
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            hf = json.load(f)
-        if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
-            raise ValueError(f"{folder} does not hold a GPT-2 model (model_type {hf.get('model_type')!r})")
-        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, abs_emb=True)
+        path = os.path.join(folder, "config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+            if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
+                raise ValueError(f"model_type {hf.get('model_type')!r}")
+            config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                               n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, abs_emb=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not the config.json of a GPT-2 model ({type(e).__name__}: {e}); "
+                             f"pass a folder written by save_pretrained") from None
         with torch.device("meta"):  # no time spent on a random init that is overwritten anyway
             model = cls(config)
         hf_state = _load_safetensors(folder)
@@ -535,9 +540,15 @@ def pretrained_folder(name_or_dir):
         raise ValueError(f"unknown pretrained model {name_or_dir!r}: use one of {', '.join(GPT2_NAMES)} "
                          f"or a local folder")
     from huggingface_hub import snapshot_download
-    return snapshot_download(f"openai-community/{name_or_dir}",
-                             allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
-                                             "vocab.json", "merges.txt"])
+    try:
+        return snapshot_download(f"openai-community/{name_or_dir}",
+                                 allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
+                                                 "vocab.json", "merges.txt"])
+    except Exception as e:  # offline: whatever the HTTP client raises, or huggingface_hub's own errors
+        raise ValueError(f"cannot download {name_or_dir} from Hugging Face ({type(e).__name__}); without internet, "
+                         f"pass a local folder instead: one with config.json, model.safetensors, vocab.json and "
+                         f"merges.txt, e.g. copied from a machine where `--pretrained {name_or_dir}` worked "
+                         f"(~/.cache/huggingface/hub/models--openai-community--{name_or_dir}/snapshots/*)") from None
 
 
 def _load_safetensors(folder):
@@ -552,5 +563,9 @@ def _load_safetensors(folder):
         raise ValueError(f"{folder} has no model.safetensors; save the model with save_pretrained")
     state = {}
     for shard in shards:
-        state.update(load_file(os.path.join(folder, shard)))
+        try:
+            state.update(load_file(os.path.join(folder, shard)))
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"cannot read {os.path.join(folder, shard)} ({type(e).__name__}): it is damaged or "
+                             f"incomplete; download or save it again") from None
     return state

@@ -17,20 +17,24 @@ batch_size x grad_accum x world_size sequences, taken from one global permutatio
 windows, so `torchrun --nproc_per_node 2 ... --batch_size 32` takes the same steps as one process
 with `--batch_size 64` or with `--batch_size 32 --grad_accum 2` (up to float rounding).
 
-Exit codes: 0 done; 1 failed (the loss became NaN/inf: the last good checkpoint is kept);
-2 bad option or data (nothing is written); 75 (cfg.EXIT_INTERRUPTED) stopped by SIGUSR1 or SIGTERM
-(SLURM's signal before a time limit or preemption) after finishing the step and writing last.pt:
-run the same command again, or requeue the job, to continue.
+Exit codes (cfg.py): 0 done; 1 the loss became NaN/inf (the last good checkpoint is kept); 2 bad option,
+text or checkpoint (nothing is written); 74 a file could not be written (disk full, read-only, no
+permission: the checkpoints written before stay intact); 75 stopped by Ctrl-C, or by SIGUSR1 or SIGTERM
+(SLURM's signal before a time limit or preemption), after finishing the step and writing last.pt: run
+the same command again, or requeue the job, to continue; 130 a second Ctrl-C stopped it at once.
 """
 
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict
 
 import numpy as np
@@ -40,9 +44,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cfg import CPU_QUICK_RUN, EXIT_INTERRUPTED, cpu_has_bf16, cpu_has_fp16, parse_config
+from cfg import (CPU_QUICK_RUN, DEFAULT_MAX_STEPS, EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE,
+                 cpu_has_bf16, cpu_has_fp16, parse_config)
 from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomic_write, default_corpus, read_text,
-                     tokenizer_from_dict, train_val_split)
+                     remove_stale_temporaries, tokenizer_from_dict, train_val_split)
 from gpt import GPT, GPTConfig, pretrained_folder
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
@@ -94,20 +99,58 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a checkpoint."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fail(message, code=2):
+def fail(message, code=EXIT_USAGE):
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def write_error(e, folder):
+    """A failed write (OSError) in the run folder -> one line naming the file, the cause and the fix."""
+    fix = {errno.ENOSPC: "free some space or pass another --out_dir",
+           errno.EDQUOT: "free some space (your disk quota is full) or pass another --out_dir",
+           errno.EFBIG: "a checkpoint is larger than the file size limit (`ulimit -f`); raise it",
+           errno.EROFS: "the file system is read-only; pass another --out_dir"}.get(
+        e.errno, "pass an --out_dir you can write to")
+    return f"cannot write {e.filename or folder}: {e.strerror or e}; {fix}"
+
+
+RESUME_KEYS = {"model", "optimizer", "scaler", "step", "epoch", "epoch_index", "best_val_loss", "config", "model_config",
+               "tokenizer", "rng"}  # what checkpoint() saves
+
+
+def load_checkpoint(path, keys=("model", "model_config", "tokenizer")):
+    """A checkpoint written by train.py, loaded without unpickling; ValueError naming the file when unreadable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a zip, or holding objects weights_only refuses
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: it is damaged or not written by train.py)") \
+            from None
+    missing = sorted(set(keys) - set(ckpt)) if isinstance(ckpt, dict) else ["everything"]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of train.py (it lacks {', '.join(missing)})")
+    return ckpt
+
+
+def resume_checkpoint(out_dir):
+    """last.pt of out_dir; when it is damaged, the error says whether best.pt can take its place."""
+    last, best = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
+    try:
+        return load_checkpoint(last, RESUME_KEYS)
+    except ValueError as e:
+        try:
+            fallback = f"{best} (step {load_checkpoint(best, RESUME_KEYS)['step']}) is intact: `cp {best} {last}` resumes from it, "
+        except ValueError:
+            fallback = ""
+        raise ValueError(f"{e}; {fallback}or pass --no-resume to start afresh") from None
+
+
+def text_description(txt_file, default):
+    if not default:
+        return txt_file
+    if os.path.basename(txt_file) == "tinyshakespeare.txt":
+        return f"{txt_file} (the default corpus, tiny shakespeare)"
+    return f"{txt_file} (the default corpus's offline fallback: Shakespeare's complete works, not tiny shakespeare)"
 
 
 def setup(argv):
@@ -121,15 +164,10 @@ def setup(argv):
     resume = os.path.exists(last_path) if cfg.resume is None else cfg.resume
     if resume and not os.path.exists(last_path):
         raise ValueError(f"--resume: there is no {last_path}; check --out_dir or drop --resume")
-    ckpt = None
-    if resume:
-        try:
-            ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read {last_path} ({type(e).__name__}); delete it or pass --no-resume") from None
-        if ckpt["config"].get("pretrained") != cfg.pretrained:
-            raise ValueError(f"{cfg.out_dir} holds a run with --pretrained {ckpt['config'].get('pretrained')}, not "
-                             f"{cfg.pretrained}; pass the same, another --out_dir, or --no-resume")
+    ckpt = resume_checkpoint(cfg.out_dir) if resume else None
+    if ckpt and ckpt["config"].get("pretrained") != cfg.pretrained:
+        raise ValueError(f"{cfg.out_dir} holds a run with --pretrained {ckpt['config'].get('pretrained')}, not "
+                         f"{cfg.pretrained}; pass the same, another --out_dir, or --no-resume")
     text = read_text(txt_file)
     pretrained = None  # GPT-2 with its weights, when fine-tuning starts
     if ckpt:
@@ -145,17 +183,24 @@ def setup(argv):
     if cfg.block_size > model_config.block_size:
         raise ValueError(f"--block_size {cfg.block_size} is more than {cfg.pretrained} can attend to "
                          f"({model_config.block_size} positions); pass --block_size {model_config.block_size} or less")
-    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    try:
+        data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    except DataError:  # only a resumed character model can meet characters it does not know
+        raise DataError(f"{last_path} was trained on another text ({ckpt['config'].get('txt_file')}): this one "
+                        f"has {tokenizer.unknown(text)}; pass that text, another --out_dir, or --no-resume") from None
     splits = {}
     for name, part in zip(("training", "validation"), train_val_split(data, cfg.val_fraction)):
         try:
             splits[name] = TextDataset(part, cfg.block_size)
         except DataError as e:
             raise DataError(f"{name} split: {e}") from None
+    if cfg.sample_prompt is None:  # a newline, where the text has one; else the text's first character
+        cfg.sample_prompt = "\n" if "\n" in text or isinstance(tokenizer, GPT2Tokenizer) else text[0]
     try:
         prompt = tokenizer.encode(cfg.sample_prompt)
-    except DataError as e:
-        raise DataError(f"--sample_prompt: {e}") from None
+    except DataError:
+        raise DataError(f"--sample_prompt has {tokenizer.unknown(cfg.sample_prompt)}, which the text does not "
+                        f"contain; use characters that occur in {txt_file}") from None
     saved = asdict(GPTConfig.from_dict(ckpt["model_config"])) if ckpt else None
     if ckpt and saved != asdict(model_config):
         diff = {k: (v, saved[k]) for k, v in asdict(model_config).items() if saved[k] != v}
@@ -167,32 +212,68 @@ def setup(argv):
     if steps_per_epoch == 0:
         raise DataError(f"the training split has {len(splits['training'])} windows, fewer than one global batch "
                         f"of {global_batch}; use a longer text or a smaller --batch_size")
-    if cfg.epochs:
-        cfg.max_steps = cfg.epochs * steps_per_epoch
-    cfg.txt_file = txt_file
+    cfg.max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps or DEFAULT_MAX_STEPS
+    cfg.txt_file, default = txt_file, cfg.txt_file is None
     return cfg, ckpt, tokenizer, splits["training"], splits["validation"], prompt, model_config, pretrained, \
-        steps_per_epoch
+        steps_per_epoch, text_description(txt_file, default)
+
+
+class Signals:
+    """The stop signals received: SLURM sends SIGUSR1 (sbatch --signal) before the time limit and SIGTERM on
+    preemption; Ctrl-C is SIGINT. Installed before setup, as SIGUSR1's default action would kill the process."""
+
+    def __init__(self):
+        self.received, self.training = [], False
+        for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self.on_signal)
+
+    def on_signal(self, signum, frame):  # training: finish the step, write last.pt, exit with EXIT_INTERRUPTED
+        if not self.training:  # still setting up: nothing to save (every file is written atomically)
+            fail(f"interrupted by {signal.Signals(signum).name} before training started", code=EXIT_INTERRUPTED)
+        self.received.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+
+def check_run_folder(out_dir, checkpoint_bytes):
+    """Before anything is written: the run folder can be created and written, and has room for the
+    checkpoints still to come (best.pt, last.pt and the temporary copy of the one being saved)."""
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out_dir {out_dir}: {existing} is a file, not a folder; pass another --out_dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, out_dir) from None
+    present = sum(os.path.isfile(os.path.join(out_dir, name)) for name in ("best.pt", "last.pt"))
+    needed, free = (3 - present) * checkpoint_bytes, shutil.disk_usage(existing).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"{free / 1e6:.1f} MB free where this run's checkpoints need about "
+                      f"{needed / 1e6:.1f} MB ({3 - present} x {checkpoint_bytes / 1e6:.1f} MB)", out_dir)
 
 
 def main(argv=None):
-    # SLURM sends SIGUSR1 (sbatch --signal) before the time limit and SIGTERM on preemption; handled from the
-    # start, as SIGUSR1's default action would kill the process
-    signals, training = [], False
-
-    def on_signal(signum, frame):  # finish the step, write last.pt, exit with EXIT_INTERRUPTED
-        if not training:  # still setting up: nothing to save (every file is written atomically)
-            fail(f"interrupted by {signal.Signals(signum).name} before training started", code=EXIT_INTERRUPTED)
-        signals.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-
-    for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, on_signal)
-
+    signals = Signals()
     try:
-        cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrained, steps_per_epoch = setup(argv)
+        cfg, *rest = setup(argv)
     except ValueError as e:  # DataError is a ValueError too
         fail(e)
+    try:
+        return train(cfg, *rest, signals)
+    except OSError as e:  # a write failed: files written before are intact (every write is atomic)
+        message = write_error(e, cfg.out_dir)
+        with suppress(OSError):  # into train.log too, when the disk lets us
+            with open(os.path.join(cfg.out_dir, "train.log"), "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {message}\n")
+        fail(message, EXIT_IO)
+    except KeyboardInterrupt:
+        fail("stopped at once by a second Ctrl-C; the last checkpoint is kept: run the same command again to resume",
+             EXIT_ABORTED)
 
+
+def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrained, steps_per_epoch, text, signals):
     # -------------------------------------------------------------------------------- processes and devices
     ddp = "RANK" in os.environ  # launched by torchrun
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -212,23 +293,13 @@ def main(argv=None):
     B, T, A = cfg.batch_size, cfg.block_size, cfg.grad_accum
     tokens_per_step = B * A * world_size * T
 
-    # -------------------------------------------------------------------------------- run folder and log
-    writer = log_file = None
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2) + "\n")
-        tokenizer.save(os.path.join(cfg.out_dir, "tokenizer.json"))
-        log_file = open(os.path.join(cfg.out_dir, "train.log"), "a", encoding="utf-8")
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only where it is used
-        # purge_step drops the events an interrupted run logged after its last checkpoint
-        writer = SummaryWriter(cfg.out_dir, purge_step=ckpt["step"] if ckpt else None)
-
-    def log(message, echo=True):  # to train.log, and to the terminal unless echo=False
-        if master:
-            if echo:
-                tqdm.write(message)
-            log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-            log_file.flush()
+    def on_every_process(failed):
+        """Whether any process failed: all of them then stop together."""
+        if not ddp:
+            return failed
+        flag = torch.tensor(float(failed), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
 
     # -------------------------------------------------------------------------------- model and optimizer
     random.seed(cfg.seed)
@@ -247,6 +318,45 @@ def main(argv=None):
         epoch_step = ckpt["epoch_index"] // (tokens_per_step // T)
         if len(ckpt["rng"]) == world_size:
             set_rng_state(ckpt["rng"][rank])
+    saved_step = step if ckpt else None  # the step of the newest last.pt on disk
+
+    # -------------------------------------------------------------------------------- run folder and log
+    writer = log_file = None
+    error = None
+    if master:
+        # weights, buffers and AdamW's two moments, all in fp32 (estimated: nothing is written yet)
+        state_bytes = sum(t.numel() * t.element_size() for t in raw_model.state_dict().values())
+        try:
+            check_run_folder(cfg.out_dir, state_bytes + 8 * raw_model.num_params() + 2 ** 20)
+        except (ValueError, OSError) as e:
+            error = e
+    if on_every_process(error is not None):
+        if isinstance(error, OSError):
+            raise error
+        fail(error)
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        stale = remove_stale_temporaries(cfg.out_dir)
+        atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2) + "\n")
+        tokenizer.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+        log_file = open(os.path.join(cfg.out_dir, "train.log"), "a", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter  # slow import: only where it is used
+        # purge_step drops the events an interrupted run logged after its last checkpoint
+        writer = SummaryWriter(cfg.out_dir, purge_step=ckpt["step"] if ckpt else None)
+
+    def log(message, echo=True):  # to train.log, and to the terminal unless echo=False
+        if master:
+            if echo:
+                tqdm.write(message)
+            try:
+                log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+                log_file.flush()
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, log_file.name) from None
+
+    if master and stale:
+        log(f"removed {len(stale)} temporary file(s) of an interrupted save: {', '.join(stale)}")
+    if ckpt:
         log(f"resuming {cfg.out_dir}/last.pt at step {step} (epoch {epoch}); best val loss so far {best_val_loss:.4f}"
             + ("" if len(ckpt["rng"]) == world_size else "; the number of processes changed: RNG streams reseeded"))
         changed = {k: (v, cfg.to_dict()[k]) for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v and k != "resume"}
@@ -261,14 +371,14 @@ def main(argv=None):
     flops_per_token = 6 * n_params + 12 * model_config.n_layer * model_config.n_embd * T  # PaLM appendix B
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device_type == "cuda" else None
+    text_passes = cfg.max_steps * tokens_per_step / len(train_ds.data)
+    log(f"text {text}: {len(train_ds.data) + len(val_ds.data):,} tokens, vocabulary {tokenizer.vocab_size}")
     log(f"model {n_params / 1e6:.2f}M parameters ({model_config.n_layer} layers, {model_config.n_head} heads, "
         f"{model_config.n_embd} wide, {'absolute' if model_config.abs_emb else 'rotary'} positions) | {device} "
         f"{cfg.precision} x {world_size} | global batch {tokens_per_step // T} x {T} tokens | {cfg.max_steps} steps "
-        f"= {cfg.max_steps / steps_per_epoch:.2f} epochs | {cfg.out_dir}")
-    if master and device_type == "cpu" and n_params > 5e6 and not cfg.pretrained:
-        quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
-        print(f"hint: this is the GPU configuration, hours on a CPU; a quick CPU run: python train.py {quick}",
-              file=sys.stderr)
+        f"= {cfg.max_steps / steps_per_epoch:.2f} epochs (passes over every window) = {text_passes:.1f} passes over "
+        f"the text | {cfg.out_dir}")
+    cpu_hint = master and device_type == "cpu" and n_params > 5e6 and not cfg.pretrained  # shown once timed
     if master and device_type == "cpu" and cfg.precision == "fp16" and not cpu_has_fp16():
         # fp16 stays allowed (it exercises the GradScaler path without a GPU), but nobody should wait for it
         print("hint: this CPU has no native fp16, so fp16 training runs many times slower than fp32; "
@@ -320,16 +430,24 @@ def main(argv=None):
                 "rng": rng}
 
     def save(name, state):
+        """Process 0 writes; if that fails, every process stops (exit EXIT_IO) and the earlier file stays."""
+        error = None
         if master:
-            save_atomic(state, os.path.join(cfg.out_dir, name))
+            try:
+                atomic_write(os.path.join(cfg.out_dir, name), lambda f: torch.save(state, f))
+            except OSError as e:
+                error = e
+        if on_every_process(error is not None):
+            raise error or OSError(errno.EIO, "process 0 could not save", name)
 
     # -------------------------------------------------------------------------------- the training loop
     batches = micro_batches(train_ds, cfg, epoch, epoch_step, rank, world_size, pin_memory=device_type == "cuda")
     sample_interval = cfg.sample_interval or cfg.eval_interval
     loss_sum, grad_norm = torch.zeros((), device=device), torch.zeros(())
     t_log, step_log = time.time(), step
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step")
-    training = True
+    # a progress bar on terminals only (disable=None): in Slurm's output files it would be noise
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=None if master else True, dynamic_ncols=True, unit="step")
+    signals.training = True
     stop = False
     if step >= cfg.max_steps:
         log(f"the run is complete ({step} steps): nothing to do; raise --max_steps to train on")
@@ -354,7 +472,7 @@ def main(argv=None):
         step, epoch_step = step + 1, epoch_step + 1
         bar.update()
 
-        stop, last = bool(signals), step == cfg.max_steps
+        stop, last = bool(signals.received), step == cfg.max_steps
         if ddp:  # processes must stop at the same step: they agree every log_interval steps
             flag = torch.tensor(float(stop), device=device)
             if step % cfg.log_interval == 0:
@@ -368,15 +486,20 @@ def main(argv=None):
             train_loss, norm = stats.tolist()
             if not math.isfinite(train_loss):  # the weights are spoilt: keep the last good checkpoint as it is
                 bar.close()
-                message = (f"the training loss became {train_loss} by step {step}; stopped without saving, the last "
-                           f"good checkpoint is kept. Lower --learning_rate, keep --grad_clip on, or use --precision "
-                           f"bf16/fp32")
+                kept = f"last.pt of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
+                message = (f"the training loss became {train_loss} by step {step}; stopped without saving ({kept}). "
+                           f"Lower --learning_rate, keep --grad_clip on, or use --precision bf16/fp32")
                 log("error: " + message, echo=False)
-                fail(message, code=1)
+                fail(message, code=EXIT_FAILED)
             dt, t_log = time.time() - t_log, time.time()
             tokens_per_sec = (step - step_log) * tokens_per_step / dt
             mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            if cpu_hint:  # the GPU configuration on a CPU: say how long it would take, and what to run instead
+                cpu_hint, hours = False, (cfg.max_steps - step) * tokens_per_step / tokens_per_sec / 3600
+                quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
+                tqdm.write(f"hint: this is the GPU configuration; at {tokens_per_sec:,.0f} tokens/s it needs about "
+                           f"{hours:.1f} more hours on this CPU. A quick CPU run: python train.py {quick}", file=sys.stderr)
             if master:
                 for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", norm),
                                     ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):
@@ -404,11 +527,12 @@ def main(argv=None):
             writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code block
         if step % cfg.checkpoint_interval == 0 or last or stop:
             save("last.pt", checkpoint())
+            saved_step = step
         if any(step % n == 0 for n in (cfg.eval_interval, sample_interval, cfg.checkpoint_interval)):
             t_log = time.time()  # tokens/s counts training steps only
         if stop:
             bar.close()
-            names = "/".join(signal.Signals(s).name for s in sorted(set(signals))) or "another process"
+            names = "/".join(signal.Signals(s).name for s in sorted(set(signals.received))) or "another process"
             log(f"stopped by {names} at step {step}; last.pt written. Run the same command again to resume.")
             break
 

@@ -18,7 +18,7 @@ def test_read_text_accepts_utf8_and_normalises_newlines(tmp_path):
 
 
 @pytest.mark.parametrize("kind, expected", [
-    ("missing", "does not exist"), ("directory", "is a directory"), ("empty", "is empty"),
+    ("missing", "does not exist"), ("directory", "is a folder"), ("binary", "is a binary file"), ("empty", "is empty"),
     ("latin1", "is not UTF-8"),
 ])
 def test_read_text_errors(tmp_path, kind, expected):
@@ -29,6 +29,8 @@ def test_read_text_errors(tmp_path, kind, expected):
         path.write_bytes(b"")
     elif kind == "latin1":
         path.write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(dataset.DataError) as error:
         dataset.read_text(str(path))
     message = str(error.value)

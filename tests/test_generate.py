@@ -200,8 +200,8 @@ def test_cli_bad_sources(tmp_path, capsys):
     torch.save({"state_dict": {}}, foreign)
     cases = [([], "pass either --checkpoint"), (["--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
              (["--checkpoint", str(tmp_path)], "holds no best.pt or last.pt"),
-             (["--checkpoint", str(corrupt)], "cannot read checkpoint"),
-             (["--checkpoint", str(foreign)], "is not a Micro-GPT checkpoint"),
+             (["--checkpoint", str(corrupt)], "it is damaged or not written by train.py"),
+             (["--checkpoint", str(foreign)], "is not a checkpoint of train.py"),
              (["--pretrained", "gpt5"], "unknown pretrained model 'gpt5'")]
     for args, message in cases:
         assert generate.main(args) == 2, args
@@ -224,6 +224,7 @@ def gpt2_dir(hf_gpt2, bpe_folder, tmp_path_factory):
     return str(folder)
 
 
+@pytest.mark.slow
 def test_cli_pretrained_gpt2_folder(gpt2_dir):
     result = run_cli("--pretrained", gpt2_dir, "--prompt", "Hello, my name is", "--max_new_tokens", "8",
                      "--num_samples", "2")
@@ -247,6 +248,7 @@ def gpt2_loss(model, tokens):
         return model.eval()(x, torch.tensor([tokens[1:]]))[1].item()
 
 
+@pytest.mark.slow
 def test_fine_tune_pretrained_gpt2_then_sample(gpt2_dir, tmp_path):
     text = tmp_path / "letters.txt"
     text.write_text(LETTER * 40, encoding="utf-8")
@@ -272,6 +274,7 @@ def test_fine_tune_pretrained_gpt2_then_sample(gpt2_dir, tmp_path):
     assert "My dearest Juliet, every" in sampled.stdout  # greedy: the letter it was fine-tuned on
 
 
+@pytest.mark.slow
 def test_fine_tune_bad_options(gpt2_dir, tmp_path):
     text = tmp_path / "letters.txt"
     text.write_text(LETTER * 40, encoding="utf-8")

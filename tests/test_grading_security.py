@@ -7,7 +7,7 @@ folder. Each must score what the untouched release scores, leave a complete resu
 process behind.
 
 As root, `nobody` must be able to run this Python (CI makes its virtual environment so); without root
-there is no unprivileged jail to test and these tests skip, unless MICROGPT_REQUIRE_JAIL=1 (CI) makes
+there is no unprivileged jail to test and these tests skip, unless MICROGPT_REQUIRE_ROOT=1 (CI) makes
 that a failure.
 """
 
@@ -35,6 +35,8 @@ BOTH_WAYS = ("forged_files", "detached_rewriter", "kills_its_parents", "exits_at
 PWNED = "/tmp/micro-gpt-zoo-pwned"  # what an unpickled answer would create
 SLEEP_MARK = "9773"  # `sleep 9773`: the processes the fork bomb starts
 
+pytestmark = pytest.mark.slow  # minutes: runs with --full
+
 
 def jail_usable():
     """'' when this machine can run the unprivileged jail, else why not."""
@@ -50,8 +52,8 @@ def jail_usable():
 @pytest.fixture(scope="module", autouse=True)
 def needs_jail():
     why = jail_usable()
-    if why and os.environ.get("MICROGPT_REQUIRE_JAIL") == "1":
-        pytest.fail(f"MICROGPT_REQUIRE_JAIL=1 but {why}")
+    if why and os.environ.get("MICROGPT_REQUIRE_ROOT") == "1":
+        pytest.fail(f"MICROGPT_REQUIRE_ROOT=1 but {why}")
     if why:
         pytest.skip(why)
 

@@ -141,6 +141,7 @@ def test_release_contents(built):
 
 # ----------------------------------------------------------------------------- check
 
+@pytest.mark.slow
 def test_check_passes_on_this_repository(capsys):
     ok = check.check()
     out = capsys.readouterr().out
@@ -244,12 +245,14 @@ def output(result, name):
     return next(t["output"] for t in result["tests"] if t["name"] == name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(zoo_cases()))
 def test_zoo_every_test_reported_in_gradescope_format(zoo, case):
     assert_gradescope_format(zoo[case])
     assert [t["name"] for t in zoo[case]["tests"]] == [t["name"] for t in zoo["solution"]["tests"]]
 
 
+@pytest.mark.slow
 def test_zoo_solution_gets_full_marks(zoo):
     result = zoo["solution"]
     assert not failed(result) and result["score"] == sum(t["max_score"] for t in result["tests"]) > 0
@@ -257,6 +260,7 @@ def test_zoo_solution_gets_full_marks(zoo):
     assert hidden and all(t["visibility"] == "after_published" for t in hidden)
 
 
+@pytest.mark.slow
 def test_zoo_untouched_release_scores_zero_on_every_region(zoo):
     result = zoo["untouched_release"]
     assert result["score"] == 0
@@ -264,6 +268,7 @@ def test_zoo_untouched_release_scores_zero_on_every_region(zoo):
     assert "graded from the submission: no file" in result["output"]
 
 
+@pytest.mark.slow
 def test_zoo_syntax_and_import_errors_fail_only_the_tests_of_that_file(zoo):
     data_tests = names(zoo["solution"], "test_tokenizer", "test_dataset")
     model_tests = names(zoo["solution"]) - data_tests
@@ -273,6 +278,7 @@ def test_zoo_syntax_and_import_errors_fail_only_the_tests_of_that_file(zoo):
     assert all("cannot import dataset.py: ImportError" in output(zoo["import_error"], n) for n in data_tests)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, test, message", [
     ("infinite_loop", "test_rmsnorm_matches_formula_and_torch", "timed out"),
     ("native_hang", "test_tokenizer_round_trip", "timed out"),
@@ -285,6 +291,7 @@ def test_zoo_hangs_and_crashes_cost_one_test(zoo, case, test, message):
     assert result["score"] == max_score - next(t["max_score"] for t in result["tests"] if t["name"] == test)
 
 
+@pytest.mark.slow
 def test_zoo_huge_output_is_clipped(zoo):
     result = zoo["huge_output"]
     assert not failed(result)
@@ -292,6 +299,7 @@ def test_zoo_huge_output_is_clipped(zoo):
     assert any("characters cut" in t["output"] for t in result["tests"])
 
 
+@pytest.mark.slow
 def test_zoo_wrong_shapes(zoo):
     result = zoo["wrong_shapes"]
     assert {"test_attention_qkv_shapes_and_heads", "test_attention_reference", "test_gpt_logits_reference[rope]",
@@ -300,12 +308,14 @@ def test_zoo_wrong_shapes(zoo):
     assert "should have shape (B, nh, T, hs)" in output(result, "test_attention_qkv_shapes_and_heads")
 
 
+@pytest.mark.slow
 def test_zoo_edited_tests_are_ignored(zoo):
     result = zoo["edited_tests"]
     assert result["score"] == zoo["untouched_release"]["score"] == 0
     assert "ignored, the grader uses its own copy: conftest.py, pytest.ini, unittests.py" in result["output"]
 
 
+@pytest.mark.slow
 def test_zoo_nested_folder_and_missing_files(zoo):
     result = zoo["nested_and_missing"]
     assert result["output"].splitlines()[1:] == ["graded from the submission: dataset.py",
@@ -314,6 +324,7 @@ def test_zoo_nested_folder_and_missing_files(zoo):
     assert names(result) - failed(result) == names(result, "test_tokenizer", "test_dataset") | untagged
 
 
+@pytest.mark.slow
 def test_run_autograder_end_to_end(built, tmp_path):
     """The bundle as Gradescope runs it: source/, submission/ (files in one folder), results/results.json."""
     shutil.copytree(built / "autograder", tmp_path / "source")
@@ -337,6 +348,7 @@ def test_grade_cli_rejects_a_missing_folder(tmp_path):
                                                    f"or is not a folder\n"
 
 
+@pytest.mark.slow
 def test_student_run_shows_todos_and_points(built):
     """`python unittests.py` in the untouched release: short TODO failures, the region table, the points."""
     proc = subprocess.run([sys.executable, "unittests.py", "-p", "no:cacheprovider"], cwd=built / "student",

@@ -38,6 +38,8 @@ CPU_NODE = ["--partition=cpu", "--gpus-per-node=0", "--cpus-per-task=2"]  # with
 DONE_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                "DEADLINE", "PREEMPTED")
 
+pytestmark = pytest.mark.slow  # minutes, and apt installs: runs with --full
+
 
 @pytest.fixture(scope="module")
 def cluster():

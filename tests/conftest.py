@@ -1,0 +1,49 @@
+"""The project's tests come in two sets. `python -m pytest` runs the quick one (under a minute, installs
+nothing); `python -m pytest --full` (what CI runs) adds the tests marked slow: grading hostile submissions,
+`instructor check`, training end to end with kills, signals, DDP and full disks, and the Slurm integration
+tests, which install Debian's slurm-wlm, munge and shellcheck with apt when they are missing (as root)."""
+
+import random
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the slow tests, Slurm's included (they install slurm-wlm and munge with apt)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs only with --full (minutes, or installs system packages)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config.stash[SLOW] = len(slow)
+
+
+SLOW = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.stash.get(SLOW, 0):
+        terminalreporter.write_line(f"{config.stash[SLOW]} slow tests not run: `python -m pytest --full` runs every "
+                                    f"test (about 12 minutes; it installs Slurm with apt as root where it is missing)")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~60 KB of English-like text with a little structure to learn (a fixed seed: always the same)."""
+    rng = random.Random(0)
+    words = ("the king shall come to thee and my lord will speak of love and night and day for all that is good "
+             "in this world we are not what they were but she was there with her heart").split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))).capitalize() + rng.choice(".,;!?")
+             for _ in range(2000)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return str(path)
