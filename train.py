@@ -146,6 +146,7 @@ def resume_checkpoint(out_dir):
 
 
 def text_description(txt_file, default):
+    """What the log says of the text: the default corpus names itself, and the fallback says so."""
     if not default:
         return txt_file
     if os.path.basename(txt_file) == "tinyshakespeare.txt":
@@ -156,7 +157,7 @@ def text_description(txt_file, default):
 def setup(argv):
     """Everything that can be wrong with the options or the data is found here, before anything is written."""
     cfg = parse_config(argv)
-    txt_file = cfg.txt_file or default_corpus(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
+    txt_file = cfg.txt_file or default_corpus()
     stem = os.path.splitext(os.path.basename(txt_file))[0]
     model_name = os.path.basename(os.path.normpath(cfg.pretrained)) if cfg.pretrained else cfg.model_type
     cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{stem}-{model_name}")  # stable: a requeued job resumes
@@ -354,6 +355,7 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
             except OSError as e:
                 raise OSError(e.errno, e.strerror, log_file.name) from None
 
+    log(f"text {text}: {len(train_ds.data) + len(val_ds.data):,} tokens, vocabulary {tokenizer.vocab_size}")
     if master and stale:
         log(f"removed {len(stale)} temporary file(s) of an interrupted save: {', '.join(stale)}")
     if ckpt:
@@ -372,13 +374,14 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
         if device_type == "cuda" else None
     text_passes = cfg.max_steps * tokens_per_step / len(train_ds.data)
-    log(f"text {text}: {len(train_ds.data) + len(val_ds.data):,} tokens, vocabulary {tokenizer.vocab_size}")
     log(f"model {n_params / 1e6:.2f}M parameters ({model_config.n_layer} layers, {model_config.n_head} heads, "
         f"{model_config.n_embd} wide, {'absolute' if model_config.abs_emb else 'rotary'} positions) | {device} "
         f"{cfg.precision} x {world_size} | global batch {tokens_per_step // T} x {T} tokens | {cfg.max_steps} steps "
         f"= {cfg.max_steps / steps_per_epoch:.2f} epochs (passes over every window) = {text_passes:.1f} passes over "
         f"the text | {cfg.out_dir}")
-    cpu_hint = master and device_type == "cpu" and n_params > 5e6 and not cfg.pretrained  # shown once timed
+    # the GPU configuration on a CPU: once the speed is known (the first steps are slower), say how long it takes
+    hint_at = step + 2 * cfg.log_interval if master and device_type == "cpu" and n_params > 5e6 and not cfg.pretrained \
+        else None
     if master and device_type == "cpu" and cfg.precision == "fp16" and not cpu_has_fp16():
         # fp16 stays allowed (it exercises the GradScaler path without a GPU), but nobody should wait for it
         print("hint: this CPU has no native fp16, so fp16 training runs many times slower than fp32; "
@@ -495,8 +498,8 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
             tokens_per_sec = (step - step_log) * tokens_per_step / dt
             mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
-            if cpu_hint:  # the GPU configuration on a CPU: say how long it would take, and what to run instead
-                cpu_hint, hours = False, (cfg.max_steps - step) * tokens_per_step / tokens_per_sec / 3600
+            if hint_at is not None and step >= hint_at:
+                hint_at, hours = None, (cfg.max_steps - step) * tokens_per_step / tokens_per_sec / 3600
                 quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
                 tqdm.write(f"hint: this is the GPU configuration; at {tokens_per_sec:,.0f} tokens/s it needs about "
                            f"{hours:.1f} more hours on this CPU. A quick CPU run: python train.py {quick}", file=sys.stderr)

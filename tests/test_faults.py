@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import cfg
+import dataset
 import generate
 import train
 from test_train import ENV, ROOT, TRAIN, tiny
@@ -291,6 +292,17 @@ def test_text_without_a_newline_trains_with_its_first_character_as_the_sample_pr
     result = run(TRAIN, tiny(str(text), tmp_path / "run", "--max_steps", "5", "--eval_interval", "5"))
     assert result.returncode == 0, result.stderr
     assert "sample at step 5:\nt" in result.stdout
+
+
+def test_default_corpus_and_its_run_folder_follow_one_rule(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset, "DATA_DIR", str(tmp_path))
+    (tmp_path / "shakespeare_gutenberg.txt").write_text("Shakespeare's works, the fallback\n" * 50)
+    small = ["--model_type", "gpt-nano", "--block_size", "16", "--batch_size", "4", "--device", "cpu"]
+    config, *_, text = train.setup(small)
+    assert config.out_dir == os.path.join("runs", "shakespeare_gutenberg-gpt-nano") and "offline fallback" in text
+    (tmp_path / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
+    config, *_, text = train.setup(small)
+    assert config.out_dir == os.path.join("runs", "tinyshakespeare-gpt-nano") and "tiny shakespeare" in text
 
 
 def test_files_are_created_with_the_umask_modes(base_run):

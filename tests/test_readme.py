@@ -1,4 +1,4 @@
-"""The README's two commands are what CI and users run: keep them in step with .ci/run."""
+"""The README's commands are what CI and users run: keep them in step with .ci/run."""
 
 import os
 import re
@@ -14,13 +14,14 @@ def readme_commands():
 
 
 def test_readme_gives_train_and_test_commands():
-    train, test = readme_commands()
+    train, quick, full = readme_commands()
     assert train.endswith("python train.py") and "pip install -r requirements.txt" in train
-    assert "pytest" in test and "pip install -r requirements-dev.txt" in test
+    assert quick == "pip install -r requirements-dev.txt && python -m pytest"
+    assert full == quick + " --full"
 
 
-def test_ci_runs_the_readme_test_command_verbatim():
-    _, test = readme_commands()
+def test_ci_runs_the_full_test_command_verbatim():
+    _, _, full = readme_commands()
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
         ci_lines = [line.strip() for line in f]
-    assert test in ci_lines, f".ci/run must run the README's test command `{test}`"
+    assert full in ci_lines, f".ci/run must run the README's full test command `{full}`"
