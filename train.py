@@ -265,9 +265,10 @@ def main(argv=None):
         return train(cfg, *rest, signals)
     except OSError as e:  # a write failed: files written before are intact (every write is atomic)
         message = write_error(e, cfg.out_dir)
-        with suppress(OSError):  # into train.log too, when the disk lets us
-            with open(os.path.join(cfg.out_dir, "train.log"), "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {message}\n")
+        if int(os.environ.get("RANK", 0)) == 0:
+            with suppress(OSError):  # into train.log too, when the disk lets us
+                with open(os.path.join(cfg.out_dir, "train.log"), "a", encoding="utf-8") as f:
+                    f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {message}\n")
         fail(message, EXIT_IO)
     except KeyboardInterrupt:
         fail("stopped at once by a second Ctrl-C; the last checkpoint is kept: run the same command again to resume",
@@ -448,98 +449,97 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
     sample_interval = cfg.sample_interval or cfg.eval_interval
     loss_sum, grad_norm = torch.zeros((), device=device), torch.zeros(())
     t_log, step_log = time.time(), step
-    # a progress bar on terminals only (disable=None): in Slurm's output files it would be noise
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=None if master else True, dynamic_ncols=True, unit="step")
-    signals.training = True
-    stop = False
-    if step >= cfg.max_steps:
-        log(f"the run is complete ({step} steps): nothing to do; raise --max_steps to train on")
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro_step in range(A):
-            epoch, epoch_step, x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T) each
-            # DDP: all-reduce the gradients only once per step, on the last micro-batch
-            with model.no_sync() if ddp and micro_step < A - 1 else nullcontext():
-                with autocast:
-                    _, loss = model(x, y)
-                scaler.scale(loss / A).backward()  # / A: the step's loss is the mean over its micro-batches
-            loss_sum += loss.detach().float() / A
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step, epoch_step = step + 1, epoch_step + 1
-        bar.update()
+    # closed on the way out, also by an exception: an error message then starts on a line of its own
+    with tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step") as bar:
+        signals.training = True
+        stop = False
+        if step >= cfg.max_steps:
+            log(f"the run is complete ({step} steps): nothing to do; raise --max_steps to train on")
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro_step in range(A):
+                epoch, epoch_step, x, y = next(batches)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T) each
+                # DDP: all-reduce the gradients only once per step, on the last micro-batch
+                with model.no_sync() if ddp and micro_step < A - 1 else nullcontext():
+                    with autocast:
+                        _, loss = model(x, y)
+                    scaler.scale(loss / A).backward()  # / A: the step's loss is the mean over its micro-batches
+                loss_sum += loss.detach().float() / A
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step, epoch_step = step + 1, epoch_step + 1
+            bar.update()
 
-        stop, last = bool(signals.received), step == cfg.max_steps
-        if ddp:  # processes must stop at the same step: they agree every log_interval steps
-            flag = torch.tensor(float(stop), device=device)
-            if step % cfg.log_interval == 0:
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = step % cfg.log_interval == 0 and flag.item() > 0
-        # read the loss back only every log_interval steps (it waits for the GPU), and before anything is written
-        if last or stop or any(step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)):
-            stats = torch.stack([loss_sum / (step - step_log), grad_norm.float().to(device)])
-            if ddp:
-                dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-            train_loss, norm = stats.tolist()
-            if not math.isfinite(train_loss):  # the weights are spoilt: keep the last good checkpoint as it is
+            stop, last = bool(signals.received), step == cfg.max_steps
+            if ddp:  # processes must stop at the same step: they agree every log_interval steps
+                flag = torch.tensor(float(stop), device=device)
+                if step % cfg.log_interval == 0:
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = step % cfg.log_interval == 0 and flag.item() > 0
+            # read the loss back only every log_interval steps (it waits for the GPU), and before anything is written
+            if last or stop or any(step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)):
+                stats = torch.stack([loss_sum / (step - step_log), grad_norm.float().to(device)])
+                if ddp:
+                    dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+                train_loss, norm = stats.tolist()
+                if not math.isfinite(train_loss):  # the weights are spoilt: keep the last good checkpoint as it is
+                    bar.close()
+                    kept = f"last.pt of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
+                    message = (f"the training loss became {train_loss} by step {step}; stopped without saving ({kept}). "
+                               f"Lower --learning_rate, keep --grad_clip on, or use --precision bf16/fp32")
+                    log("error: " + message, echo=False)
+                    fail(message, code=EXIT_FAILED)
+                dt, t_log = time.time() - t_log, time.time()
+                tokens_per_sec = (step - step_log) * tokens_per_step / dt
+                mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
+                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+                if hint_at is not None and step >= hint_at:
+                    hint_at, hours = None, (cfg.max_steps - step) * tokens_per_step / tokens_per_sec / 3600
+                    quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
+                    tqdm.write(f"hint: this is the GPU configuration; at {tokens_per_sec:,.0f} tokens/s it needs about "
+                               f"{hours:.1f} more hours on this CPU. A quick CPU run: python train.py {quick}", file=sys.stderr)
+                if master:
+                    for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", norm),
+                                        ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):
+                        if value is not None:
+                            writer.add_scalar(name, value, step)
+                log(f"step {step} loss {train_loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} tok/s {tokens_per_sec:.0f}"
+                    + (f" mfu {mfu:.1%}" if mfu else ""), echo=False)
+                loss_sum.zero_()
+                step_log = step
+
+            if step % cfg.eval_interval == 0 or last:
+                val_loss = evaluate()
+                improved = val_loss < best_val_loss
+                best_val_loss = min(best_val_loss, val_loss)
+                log(f"step {step}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | val bpc "
+                    f"{val_loss / math.log(2):.4f}" + (" | best so far" if improved else ""))
+                if master:
+                    writer.add_scalar("val/loss", val_loss, step)
+                    writer.add_scalar("val/bpc", val_loss / math.log(2), step)  # bits per character
+                if improved:
+                    save("best.pt", checkpoint())
+            if master and cfg.sample_length and (step % sample_interval == 0 or last):
+                text = sample()
+                log(f"sample at step {step}:\n{text}")
+                writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code block
+            if step % cfg.checkpoint_interval == 0 or last or stop:
+                save("last.pt", checkpoint())
+                saved_step = step
+            if any(step % n == 0 for n in (cfg.eval_interval, sample_interval, cfg.checkpoint_interval)):
+                t_log = time.time()  # tokens/s counts training steps only
+            if stop:
                 bar.close()
-                kept = f"last.pt of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
-                message = (f"the training loss became {train_loss} by step {step}; stopped without saving ({kept}). "
-                           f"Lower --learning_rate, keep --grad_clip on, or use --precision bf16/fp32")
-                log("error: " + message, echo=False)
-                fail(message, code=EXIT_FAILED)
-            dt, t_log = time.time() - t_log, time.time()
-            tokens_per_sec = (step - step_log) * tokens_per_step / dt
-            mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
-            if hint_at is not None and step >= hint_at:
-                hint_at, hours = None, (cfg.max_steps - step) * tokens_per_step / tokens_per_sec / 3600
-                quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
-                tqdm.write(f"hint: this is the GPU configuration; at {tokens_per_sec:,.0f} tokens/s it needs about "
-                           f"{hours:.1f} more hours on this CPU. A quick CPU run: python train.py {quick}", file=sys.stderr)
-            if master:
-                for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", norm),
-                                    ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):
-                    if value is not None:
-                        writer.add_scalar(name, value, step)
-            log(f"step {step} loss {train_loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} tok/s {tokens_per_sec:.0f}"
-                + (f" mfu {mfu:.1%}" if mfu else ""), echo=False)
-            loss_sum.zero_()
-            step_log = step
+                names = "/".join(signal.Signals(s).name for s in sorted(set(signals.received))) or "another process"
+                log(f"stopped by {names} at step {step}; last.pt written. Run the same command again to resume.")
+                break
 
-        if step % cfg.eval_interval == 0 or last:
-            val_loss = evaluate()
-            improved = val_loss < best_val_loss
-            best_val_loss = min(best_val_loss, val_loss)
-            log(f"step {step}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | val bpc "
-                f"{val_loss / math.log(2):.4f}" + (" | best so far" if improved else ""))
-            if master:
-                writer.add_scalar("val/loss", val_loss, step)
-                writer.add_scalar("val/bpc", val_loss / math.log(2), step)  # bits per character
-            if improved:
-                save("best.pt", checkpoint())
-        if master and cfg.sample_length and (step % sample_interval == 0 or last):
-            text = sample()
-            log(f"sample at step {step}:\n{text}")
-            writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code block
-        if step % cfg.checkpoint_interval == 0 or last or stop:
-            save("last.pt", checkpoint())
-            saved_step = step
-        if any(step % n == 0 for n in (cfg.eval_interval, sample_interval, cfg.checkpoint_interval)):
-            t_log = time.time()  # tokens/s counts training steps only
-        if stop:
-            bar.close()
-            names = "/".join(signal.Signals(s).name for s in sorted(set(signals.received))) or "another process"
-            log(f"stopped by {names} at step {step}; last.pt written. Run the same command again to resume.")
-            break
-
-    bar.close()
     if master:
         writer.close()
         if not stop:

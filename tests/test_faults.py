@@ -4,6 +4,7 @@ the documented exit code, exactly one `error:` line and no traceback, no tempora
 the checkpoints written before are intact: they load with weights_only=True and the run resumes from them."""
 
 import os
+import re
 import resource
 import shutil
 import signal
@@ -21,12 +22,11 @@ import train
 from test_train import ENV, ROOT, TRAIN, tiny
 
 GENERATE = os.path.join(ROOT, "generate.py")
-QUIET = dict(ENV, TQDM_DISABLE="1")  # no progress bar: stderr holds only what the tools say
 CHECKPOINT_BYTES = 1_200_000  # a tiny run's checkpoint is about 1.1 MB
 
 
 def run(script, args, timeout=120, **kwargs):
-    return subprocess.run([sys.executable, script, *args], env=QUIET, capture_output=True, text=True,
+    return subprocess.run([sys.executable, script, *args], env=ENV, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
 
 
@@ -42,7 +42,7 @@ def assert_fails(result, code, expected):
     """Exit code `code`, one `error:` line holding `expected`, no traceback."""
     everything = result.stdout + result.stderr
     assert result.returncode == code, everything[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    errors = [line for line in re.split(r"[\r\n]", result.stderr) if line.startswith("error: ")]  # \r: progress bar
     assert len(errors) == 1 and expected in errors[0], everything[-3000:]
     assert "Traceback" not in everything and "Exception" not in everything, everything[-3000:]
 
@@ -176,7 +176,7 @@ def test_disk_fills_up_during_training(corpus, small_disk, leave):
     run_dir = disk / "run"
     process = subprocess.Popen([sys.executable, TRAIN, *tiny(corpus, run_dir, "--max_steps", "100000",
                                                              "--checkpoint_interval", "10", "--eval_interval", "10")],
-                               env=QUIET, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: logged(run_dir, " step 20 loss"))
         process.send_signal(signal.SIGSTOP)  # fill the disk while the run is frozen
@@ -214,7 +214,7 @@ def test_kill_9_during_a_save_leaves_a_temporary_file_that_the_next_run_removes(
     run_dir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, TRAIN, *tiny(corpus, run_dir, "--max_steps", "100000",
                                                              "--checkpoint_interval", "1")],
-                               env=QUIET, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:  # kill it while it writes a checkpoint over an earlier one (it writes one every step)
         wait_for(lambda: process.poll() is not None or (
             (run_dir / "last.pt").exists() and any(name.startswith(".last.pt.") for name in temporaries(run_dir))),
@@ -236,7 +236,7 @@ def test_a_second_ctrl_c_stops_at_once_with_130(corpus, tmp_path):
     run_dir = tmp_path / "run"
     larger = ["--model_type", "gpt-micro", "--checkpoint_interval", "10"]  # 0.8M parameters: slower steps and saves
     process = subprocess.Popen([sys.executable, TRAIN, *tiny(corpus, run_dir, "--max_steps", "100000", *larger)],
-                               env=QUIET, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: logged(run_dir, " step 20 loss"))
     process.send_signal(signal.SIGINT)
     time.sleep(0.005)
@@ -398,7 +398,7 @@ def test_pretrained_folder_with_a_bad_config_names_the_file(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_pretrained_offline_suggests_a_local_folder(tmp_path):
-    env = dict(QUIET, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # read when huggingface_hub is imported
+    env = dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # read when huggingface_hub is imported
     result = subprocess.run([sys.executable, GENERATE, "--pretrained", "gpt2"], env=env, capture_output=True,
                             text=True, timeout=120)
     assert_fails(result, cfg.EXIT_USAGE, "cannot download gpt2 from Hugging Face")
@@ -408,7 +408,7 @@ def test_pretrained_offline_suggests_a_local_folder(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_during_sampling_is_one_line(base_run):
     process = subprocess.Popen([sys.executable, GENERATE, "--checkpoint", str(base_run), "--max_new_tokens",
-                                "1000000", "--stream"], env=QUIET, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "1000000", "--stream"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     while "sample 1 of 1" not in process.stdout.readline():  # sampling has started
         pass
