@@ -97,8 +97,8 @@ class TrainConfig:
     sample_interval: Optional[int] = arg(None, "print a text sample every this many steps "
                                          "(default: at every evaluation)", "evaluation",
                                          aliases=["--generate_every_n_steps"])
-    sample_prompt: Optional[str] = arg(None, "the fixed prompt of the samples (default: a newline, or the text's "
-                                       "first character when it has no newline)", "evaluation")
+    sample_prompt: Optional[str] = arg(None, "the fixed prompt of the samples (default: a newline; for a text "
+                                       "without newlines, its vocabulary's first character)", "evaluation")
     sample_length: int = arg(200, "tokens (characters, or GPT-2's BPE tokens) per sample (0: no samples)",
                              "evaluation")
     sample_temperature: float = arg(0.8, "sampling temperature (0: greedy)", "evaluation")

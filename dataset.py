@@ -127,6 +127,10 @@ class CharTokenizer(Tokenizer):
         return [self.stoi[ch] for ch in s]
         # END SOLUTION
 
+    def default_prompt(self):
+        """Where samples start: a newline if the text had one, else the vocabulary's first character."""
+        return "\n" if "\n" in self.stoi else self.chars[0]
+
     def unknown(self, s):
         """"unknown character(s) 'é' at position 3 (closest: 'e'), ..." for the characters of s that the
         tokenizer has never seen, or "" when it knows them all."""
@@ -280,28 +284,29 @@ def train_val_split(data, val_fraction):
     return data[:n], data[n:]
 
 
-def read_text(path, option="--txt_file"):
-    """The text of a UTF-8 file, or a one-line DataError saying what is wrong with it (option: the
-    command-line option that named the file)."""
+def read_text(path, name=None):
+    """The text of a UTF-8 file, or a one-line DataError saying what is wrong with it (name: how the
+    command line named the file, by default `--txt_file <path>`)."""
+    name = name or f"--txt_file {path}"
     if os.path.isdir(path):
-        raise DataError(f"{option} {path} is a folder; pass a text file")
+        raise DataError(f"{name} is a folder; pass a text file")
     if not os.path.exists(path):
-        raise DataError(f"{option} {path} does not exist; check the path")
+        raise DataError(f"{name} does not exist; check the path")
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise DataError(f"cannot read {option} {path}: {e.strerror}; check the path and its permissions") from None
+        raise DataError(f"cannot read {name}: {e.strerror}; check the path and its permissions") from None
     if b"\0" in raw[:65536]:
-        raise DataError(f"{option} {path} is a binary file, not text (a NUL byte at position {raw.index(0)}); "
+        raise DataError(f"{name} is a binary file, not text (a NUL byte at position {raw.index(0)}); "
                         f"pass a UTF-8 text file")
     try:
         text = raw.decode("utf-8-sig")  # utf-8, ignoring a byte-order mark
     except UnicodeDecodeError as e:
-        raise DataError(f"{option} {path} is not UTF-8 text (byte {e.start}); convert it to UTF-8, e.g. "
+        raise DataError(f"{name} is not UTF-8 text (byte {e.start}); convert it to UTF-8, e.g. "
                         f"`iconv -f latin1 -t utf-8 {path} > out.txt` for a Latin-1 file") from None
     if not text:
-        raise DataError(f"{option} {path} is empty; pass a file with text in it")
+        raise DataError(f"{name} is empty; pass a file with text in it")
     return text.replace("\r\n", "\n")
 
 

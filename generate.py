@@ -80,10 +80,10 @@ def check_output(path):
         raise OutputError(f"cannot write --output {path}: {e.strerror}; pass a path in a folder you can write to")
 
 
-def prompt_text(cfg, is_gpt2):
+def prompt_text(cfg, tokenizer):
     if cfg.prompt is None:  # GPT-2 starts documents after <|endoftext|>; character models after a newline
-        return "<|endoftext|>" if is_gpt2 else "\n"
-    text = read_text(cfg.prompt[len("FILE:"):], "--prompt FILE:") if cfg.prompt.startswith("FILE:") else cfg.prompt
+        return "<|endoftext|>" if isinstance(tokenizer, GPT2Tokenizer) else tokenizer.default_prompt()
+    text = read_text(cfg.prompt[len("FILE:"):], f"--prompt {cfg.prompt}") if cfg.prompt.startswith("FILE:") else cfg.prompt
     if not text:
         raise DataError("the prompt is empty; give some text, or leave --prompt out for the default")
     return text
@@ -109,7 +109,7 @@ def generate(argv):
             check_output(cfg.output)
         model, tokenizer, source = load_model(cfg)
         is_gpt2 = isinstance(tokenizer, GPT2Tokenizer)
-        prompt = prompt_text(cfg, is_gpt2)
+        prompt = prompt_text(cfg, tokenizer)
         ids = tokenizer.encode(prompt)
     except ValueError as e:  # DataError and GPTConfig's errors are ValueErrors
         return error(e, EXIT_IO if isinstance(e, OutputError) else EXIT_USAGE)

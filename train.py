@@ -195,8 +195,8 @@ def setup(argv):
             splits[name] = TextDataset(part, cfg.block_size)
         except DataError as e:
             raise DataError(f"{name} split: {e}") from None
-    if cfg.sample_prompt is None:  # a newline, where the text has one; else the text's first character
-        cfg.sample_prompt = "\n" if "\n" in text or isinstance(tokenizer, GPT2Tokenizer) else text[0]
+    if cfg.sample_prompt is None:
+        cfg.sample_prompt = tokenizer.default_prompt() if isinstance(tokenizer, CharTokenizer) else "\n"
     try:
         prompt = tokenizer.encode(cfg.sample_prompt)
     except DataError:

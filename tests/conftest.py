@@ -33,7 +33,7 @@ SLOW = pytest.StashKey[int]()
 def pytest_terminal_summary(terminalreporter, config):
     if config.stash.get(SLOW, 0):
         terminalreporter.write_line(f"{config.stash[SLOW]} slow tests not run: `python -m pytest --full` runs every "
-                                    f"test (about 12 minutes; it installs Slurm with apt as root where it is missing)")
+                                    f"test (about 13 minutes; it installs Slurm with apt as root where it is missing)")
 
 
 @pytest.fixture(scope="module")

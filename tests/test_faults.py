@@ -188,10 +188,10 @@ def test_disk_fills_up_during_training(corpus, small_disk, leave):
     assert_fails(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), cfg.EXIT_IO,
                  "No space left on device; free some space or pass another --out_dir")
     assert steps(run_dir) == before and not temporaries(run_dir)
-    if leave:  # room for a line of log, not for a checkpoint
+    if leave:  # room for a line of log, not for a checkpoint; then space again: the run resumes
         assert "error: cannot write" in (run_dir / "train.log").read_text()
-    os.unlink(disk / "filler")
-    assert_resumes(corpus, run_dir, before["last.pt"] + 10)
+        os.unlink(disk / "filler")
+        assert_resumes(corpus, run_dir, before["last.pt"] + 10)
 
 
 @pytest.mark.slow
@@ -205,6 +205,22 @@ def test_checkpoint_over_the_file_size_limit(corpus, previous):
     assert steps(previous) == {"last.pt": 20, "best.pt": 20} and not temporaries(previous)
     assert "error: cannot write" in (previous / "train.log").read_text()
     assert_resumes(corpus, previous, 40)
+
+
+@pytest.mark.slow
+def test_a_failed_save_stops_every_ddp_process_with_74(corpus, tmp_path):
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (CHECKPOINT_BYTES // 2, CHECKPOINT_BYTES // 2))
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             TRAIN, *tiny(corpus, run_dir, "--max_steps", "30", "--batch_size", "4")],
+                            env=ENV, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    # process 0 could not write best.pt: both processes stop together (none waits for the other), exit 74
+    assert result.returncode != 0 and result.stderr.count("exitcode  : 74") == 2, result.stderr[-3000:]
+    assert result.stderr.count("error: cannot write") == 1 and not temporaries(run_dir)
+    assert "error: cannot write" in (run_dir / "train.log").read_text()
 
 
 # ----------------------------------------------------------------------------- killed and interrupted
@@ -286,12 +302,14 @@ def test_loss_turns_nan_before_any_checkpoint(corpus, tmp_path):
 # ----------------------------------------------------------------------------- the first run
 
 @pytest.mark.slow
-def test_text_without_a_newline_trains_with_its_first_character_as_the_sample_prompt(tmp_path):
+def test_text_without_a_newline_samples_from_its_first_character(tmp_path):
     text = tmp_path / "one-line.txt"
-    text.write_text("to be or not to be that is the question " * 200)
+    text.write_text("to_be_or_not_to_be_that_is_the_question_" * 200)
     result = run(TRAIN, tiny(str(text), tmp_path / "run", "--max_steps", "5", "--eval_interval", "5"))
     assert result.returncode == 0, result.stderr
-    assert "sample at step 5:\nt" in result.stdout
+    assert "sample at step 5:\n_" in result.stdout  # "_" sorts first
+    sampled = run(GENERATE, ["--checkpoint", str(tmp_path / "run"), "--max_new_tokens", "5"])  # the same default
+    assert sampled.returncode == 0 and "sample 1 of 1 ------------------------------\n_" in sampled.stdout, sampled.stderr
 
 
 def test_default_corpus_and_its_run_folder_follow_one_rule(tmp_path, monkeypatch):
@@ -331,6 +349,15 @@ def sample(capsys, *args):
     code = generate.main(list(map(str, args)))
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
+
+
+def test_each_tool_lists_its_own_exit_codes(capsys):
+    for tool, codes in ((train, "74 a file could not be written"), (generate, "74 --output could not be written")):
+        with pytest.raises(SystemExit):
+            tool.main(["--help"])
+        help_text = capsys.readouterr().out
+        assert codes in help_text and "130" in help_text and "Ctrl-C" in help_text
+        assert ("quick CPU run" in help_text) == (tool is train)
 
 
 def test_generate_says_which_checkpoint_it_samples_from(base_run, capsys):
@@ -374,7 +401,7 @@ def test_generate_output_on_a_full_disk(base_run, small_disk, capsys):
     (["--top_k", "1000"], "--top_k 1000 is more than the model's vocabulary of"),
     (["--temperature", "inf"], "--temperature must be a finite number"),
     (["--temperature", "nan"], "--temperature must be a finite number"),
-    (["--prompt", "FILE:/nonexistent/prompt.txt"], "--prompt FILE: /nonexistent/prompt.txt does not exist"),
+    (["--prompt", "FILE:/nonexistent/prompt.txt"], "--prompt FILE:/nonexistent/prompt.txt does not exist"),
     (["--prompt", "FILE:{bin}"], "is a binary file, not text"),
 ])
 def test_generate_bad_values(base_run, tmp_path, capsys, args, expected):

@@ -263,6 +263,11 @@ BAD = [
     (["--learning_rate", "-1"], "--learning_rate must be positive"),
     (["--min_lr", "1"], "--min_lr must be between 0 and --learning_rate"),
     (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+    (["--sample_temperature", "inf"], "--sample_temperature must be a finite number"),
+    (["--epochs", "1", "--max_steps", "3"], "--epochs 1 and --max_steps 3 both set the length of the run"),
+    (["--num_epochs", "1", "--max_iters", "3"], "--epochs 1 and --max_steps 3 both set the length of the run"),
+    (["--txt_file", "{tmp}/binary.bin"], "is a binary file, not text"),
     (["--beta2", "1"], "--beta2 must be in [0, 1)"),
     (["--val_fraction", "1.5"], "--val_fraction must be between 0 and 1"),
     (["--device", "tpu"], "--device must be auto, cuda, cuda:N, mps or cpu"),
@@ -282,6 +287,7 @@ BAD = [
 def test_bad_option_is_one_clean_line_with_exit_code_2_and_writes_nothing(corpus, tmp_path, capsys, bad, expected):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)))
     bad = [arg.format(tmp=tmp_path) for arg in bad]
     with pytest.raises(SystemExit) as exit_:  # any other exception would be a traceback
         train.main(["--txt_file", corpus, "--out_dir", str(tmp_path / "run"), "--device", "cpu", *bad])
