@@ -3,6 +3,7 @@ Data: the tokenizers (characters; GPT-2's BPE for the pretrained model), the dat
 windows, and loading the corpus (any UTF-8 text file, or tiny shakespeare, prepared into data/ on first use).
 """
 
+import errno
 import glob
 import hashlib
 import json
@@ -87,6 +88,22 @@ class _Recorder:
 
     def flush(self):
         self.f.flush()
+
+
+def check_writable(folder):
+    """Before a long job writes into `folder` (made when missing): its nearest existing parent takes a new
+    file. OSError naming `folder` when it does not."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a folder", folder)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, folder) from None
+    return existing
 
 
 def remove_stale_temporaries(folder):

@@ -13,12 +13,11 @@ checkpoint; 74 --output cannot be written; 130 stopped by Ctrl-C.
 
 import os
 import sys
-import tempfile
 
 import torch
 
 from cfg import EXIT_ABORTED, EXIT_IO, EXIT_USAGE, parse_sample_config
-from dataset import DataError, GPT2Tokenizer, atomic_write, read_text, tokenizer_from_dict
+from dataset import DataError, GPT2Tokenizer, atomic_write, check_writable, read_text, tokenizer_from_dict
 from gpt import GPT, GPTConfig, pretrained_folder
 from train import load_checkpoint
 
@@ -69,13 +68,9 @@ def load_model(cfg):
 
 
 def check_output(path):
-    """Before sampling: --output can be written (its folder exists and takes a new file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise OutputError(f"--output {path}: the folder {folder} does not exist; create it or pass another path")
+    """Before sampling: --output can be written (its folder, made when missing, takes a new file)."""
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        check_writable(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
         raise OutputError(f"cannot write --output {path}: {e.strerror}; pass a path in a folder you can write to")
 

@@ -32,7 +32,6 @@ import random
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from contextlib import nullcontext, suppress
 from dataclasses import asdict
@@ -46,8 +45,8 @@ from tqdm import tqdm
 
 from cfg import (CPU_QUICK_RUN, DEFAULT_MAX_STEPS, EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE,
                  cpu_has_bf16, cpu_has_fp16, parse_config)
-from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomic_write, default_corpus, read_text,
-                     remove_stale_temporaries, tokenizer_from_dict, train_val_split)
+from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomic_write, check_writable, default_corpus,
+                     read_text, remove_stale_temporaries, tokenizer_from_dict, train_val_split)
 from gpt import GPT, GPTConfig, pretrained_folder
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
@@ -110,7 +109,8 @@ def write_error(e, folder):
     fix = {errno.ENOSPC: "free some space or pass another --out_dir",
            errno.EDQUOT: "free some space (your disk quota is full) or pass another --out_dir",
            errno.EFBIG: "a checkpoint is larger than the file size limit (`ulimit -f`); raise it",
-           errno.EROFS: "the file system is read-only; pass another --out_dir"}.get(
+           errno.EROFS: "the file system is read-only; pass another --out_dir",
+           errno.ENOTDIR: "pass another --out_dir"}.get(
         e.errno, "pass an --out_dir you can write to")
     return f"cannot write {e.filename or folder}: {e.strerror or e}; {fix}"
 
@@ -238,16 +238,7 @@ class Signals:
 def check_run_folder(out_dir, checkpoint_bytes):
     """Before anything is written: the run folder can be created and written, and has room for the
     checkpoints still to come (best.pt, last.pt and the temporary copy of the one being saved)."""
-    existing = os.path.abspath(out_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--out_dir {out_dir}: {existing} is a file, not a folder; pass another --out_dir")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, out_dir) from None
+    existing = check_writable(out_dir)
     present = sum(os.path.isfile(os.path.join(out_dir, name)) for name in ("best.pt", "last.pt"))
     needed, free = (3 - present) * checkpoint_bytes, shutil.disk_usage(existing).free
     if free < needed:
@@ -330,12 +321,10 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
         state_bytes = sum(t.numel() * t.element_size() for t in raw_model.state_dict().values())
         try:
             check_run_folder(cfg.out_dir, state_bytes + 8 * raw_model.num_params() + 2 ** 20)
-        except (ValueError, OSError) as e:
+        except OSError as e:
             error = e
     if on_every_process(error is not None):
-        if isinstance(error, OSError):
-            raise error
-        fail(error)
+        raise error or OSError(errno.EIO, "process 0 cannot write the run folder", cfg.out_dir)
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
         stale = remove_stale_temporaries(cfg.out_dir)

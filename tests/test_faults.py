@@ -140,7 +140,8 @@ def test_out_dir_under_proc(corpus, capsys):
 
 def test_out_dir_under_a_regular_file(corpus, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    assert_fails(train_here(capsys, tiny(corpus, tmp_path / "file" / "run")), cfg.EXIT_USAGE, "is a file, not a folder")
+    assert_fails(train_here(capsys, tiny(corpus, tmp_path / "file" / "run")), cfg.EXIT_IO,
+                 f"{tmp_path}/file is a file, not a folder; pass another --out_dir")
     assert os.listdir(tmp_path) == ["file"]
 
 
@@ -374,11 +375,17 @@ def test_generate_falls_back_on_last_pt_when_best_pt_is_damaged(previous, capsys
     assert f"sampling from {previous}/last.pt (step 20" in result.stderr
 
 
-@pytest.mark.parametrize("where", ["/proc/samples.txt", "{tmp}/missing/samples.txt"])
+@pytest.mark.parametrize("where", ["/proc/samples.txt", "{tmp}/file/samples.txt"])
 def test_generate_checks_output_before_sampling(base_run, tmp_path, capsys, where):
+    (tmp_path / "file").write_text("x")
     result = sample(capsys, "--checkpoint", base_run, "--output", where.format(tmp=tmp_path))
-    assert_fails(result, cfg.EXIT_IO, "--output")
+    assert_fails(result, cfg.EXIT_IO, "cannot write --output")
     assert result.stdout == ""  # nothing sampled
+
+
+def test_generate_makes_the_output_folder(base_run, tmp_path, capsys):
+    result = sample(capsys, "--checkpoint", base_run, "--output", tmp_path / "new" / "samples.txt", "--max_new_tokens", 5)
+    assert result.returncode == 0 and (tmp_path / "new" / "samples.txt").read_text() == result.stdout
 
 
 def test_generate_output_on_a_read_only_file_system(base_run, small_disk, capsys):
