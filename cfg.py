@@ -265,14 +265,22 @@ def cpu_has_fp16():
     return bool(cpu_flags() & {"avx512_fp16", "amx_fp16", "fphp"})
 
 
+def gpu_has_bf16(device):
+    """Native bf16 on this process's GPU (compute capability 8.0, Ampere, or newer). Read from the device's
+    properties: no CUDA context is made (torchrun's processes must not all open one on GPU 0), and GPUs that
+    only emulate bf16 (V100, T4: torch.cuda.is_bf16_supported() says True there) count as without."""
+    index = device.partition(":")[2] or os.environ.get("LOCAL_RANK", "0")  # torchrun: the process's own GPU
+    return torch.version.hip is not None or torch.cuda.get_device_capability(int(index)) >= (8, 0)
+
+
 def resolve_precision(precision, device):
     """'auto' -> bf16 on GPUs with bf16, fp16 on older GPUs, fp32 elsewhere; bf16 must be supported."""
     kind = device.split(":")[0]
     if precision == "auto":
         if kind == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if gpu_has_bf16(device) else "fp16"
         return "fp32"
-    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and kind == "cuda" and not gpu_has_bf16(device):
         raise ValueError("--precision bf16: this GPU has no bf16 (needs compute capability >= 8.0); "
                          "use --precision fp16 or fp32")
     if precision == "bf16" and kind == "cpu" and not cpu_has_bf16():

@@ -24,11 +24,13 @@ permission: the checkpoints written before stay intact); 75 stopped by Ctrl-C, o
 the same command again, or requeue the job, to continue; 130 a second Ctrl-C stopped it at once.
 """
 
+import datetime
 import errno
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -49,8 +51,18 @@ from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomi
                      read_text, remove_stale_temporaries, tokenizer_from_dict, train_val_split)
 from gpt import GPT, GPTConfig, pretrained_folder
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
-                   "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}  # dense tensor-core peaks, for MFU
+# dense bf16/fp16 tensor-core peaks, for MFU: a model name is one word of the GPU's name ("NVIDIA L40S",
+# "NVIDIA A100-SXM4-80GB"), so L40 is not L4 and A10G (no published peak) is not A10; the PCIe and NVL
+# H100s are slower than the SXM one
+PEAK_FLOPS = {"H100 PCIE": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12,
+              "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
+              "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(gpu_name):
+    """The PEAK_FLOPS entry whose words all occur in gpu_name (the first such entry), else None."""
+    words = set(re.split(r"[^A-Z0-9]+", gpu_name.upper()))
+    return next((peak for key, peak in PEAK_FLOPS.items() if set(key.split()) <= words), None)
 
 
 def lr_at(step, cfg, max_steps):
@@ -80,22 +92,29 @@ def micro_batches(ds, cfg, epoch, epoch_step, rank, world_size, pin_memory):
         epoch, epoch_step = epoch + 1, 0
 
 
-def rng_state():
-    """Every RNG stream of this process, as plain lists and tensors (loadable with weights_only=True)."""
+def rng_state(device):
+    """Every RNG stream of this process, as plain lists and tensors (loadable with weights_only=True): Python's,
+    NumPy's, the CPU generator and the generator of this process's own GPU (or Apple GPU), none of the others."""
     version, mt, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
+    kind = device.split(":")[0]
     return {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if kind == "cuda" else None,
+            "mps": torch.mps.get_rng_state() if kind == "mps" else None}
 
 
-def set_rng_state(s):
+def set_rng_state(s, device):
+    """Restore rng_state()'s streams; a device generator only on the same kind of device (a run resumed on
+    another machine, with fewer GPUs or none, keeps going, reproducibly but not bitwise)."""
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     name, keys, pos, has_gauss, cached = s["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    kind = device.split(":")[0]
+    if kind == "cuda" and torch.is_tensor(s.get("cuda")):
+        torch.cuda.set_rng_state(s["cuda"], device)
+    if kind == "mps" and torch.is_tensor(s.get("mps")):
+        torch.mps.set_rng_state(s["mps"])
 
 
 def fail(message, code=EXIT_USAGE):
@@ -276,6 +295,9 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        # stop flags, saves and RNG states go through a CPU group: no GPU synchronisation each step, and the
+        # others may wait for process 0's save (GBs for GPT-2 xl) longer than NCCL's timeout catches hangs in
+        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
     master = rank == 0  # only process 0 writes the log, TensorBoard and checkpoints
     device_type = device.split(":")[0]
     if device_type == "cuda":
@@ -286,13 +308,13 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
     B, T, A = cfg.batch_size, cfg.block_size, cfg.grad_accum
     tokens_per_step = B * A * world_size * T
 
-    def on_every_process(failed):
-        """Whether any process failed: all of them then stop together."""
+    def on_every_process(flag):
+        """Whether the flag is up in any process (a failure, a stop signal): all of them then act together."""
         if not ddp:
-            return failed
-        flag = torch.tensor(float(failed), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+            return flag
+        flags = torch.tensor([float(flag)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
+        return flags.item() > 0
 
     # -------------------------------------------------------------------------------- model and optimizer
     random.seed(cfg.seed)
@@ -310,7 +332,7 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
         step, epoch, best_val_loss = ckpt["step"], ckpt["epoch"], ckpt["best_val_loss"]
         epoch_step = ckpt["epoch_index"] // (tokens_per_step // T)
         if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank])
+            set_rng_state(ckpt["rng"][rank], device)
     saved_step = step if ckpt else None  # the step of the newest last.pt on disk
 
     # -------------------------------------------------------------------------------- run folder and log
@@ -357,12 +379,13 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
     model = torch.compile(raw_model) if cfg.compile else raw_model  # shares raw_model's parameters
     eval_model = model
     if ddp:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
+        # the buffers (causal mask, rotary tables) never change: no broadcast of them every step
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
+                    broadcast_buffers=False)
 
     n_params = raw_model.num_params()
     flops_per_token = 6 * n_params + 12 * model_config.n_layer * model_config.n_embd * T  # PaLM appendix B
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None) \
-        if device_type == "cuda" else None
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
     text_passes = cfg.max_steps * tokens_per_step / len(train_ds.data)
     log(f"model {n_params / 1e6:.2f}M parameters ({model_config.n_layer} layers, {model_config.n_head} heads, "
         f"{model_config.n_embd} wide, {'absolute' if model_config.abs_emb else 'rotary'} positions) | {device} "
@@ -387,14 +410,15 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
     def evaluate():
         """Mean validation loss over the fixed windows, across all processes."""
         eval_model.eval()
-        total = torch.zeros(2, device=device)  # (sum of losses, number of windows)
+        loss_sum = torch.zeros((), device=device)  # read back once, at the end
         for idx in val_batches:
             x, y = (torch.stack(t).to(device) for t in zip(*(val_ds[i] for i in idx.tolist())))  # (b, T) each
             with autocast:
                 _, loss = eval_model(x, y)
-            total += torch.stack([loss.float() * len(idx), torch.tensor(float(len(idx)), device=device)])
+            loss_sum += loss.float() * len(idx)
+        total = torch.stack([loss_sum, torch.tensor(float(len(val_windows[rank::world_size])), device=device)])
         if ddp:
-            dist.all_reduce(total)
+            dist.all_reduce(total)  # (sum of losses, number of windows) over all processes
         eval_model.train()
         return (total[0] / total[1]).item()
 
@@ -413,9 +437,9 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
         """The whole training state; every process takes part (RNG states are gathered), process 0 writes."""
         rng = [None] * world_size
         if ddp:
-            dist.all_gather_object(rng, rng_state())
+            dist.all_gather_object(rng, rng_state(device), group=control)
         else:
-            rng = [rng_state()]
+            rng = [rng_state(device)]
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step, "epoch": epoch,
                 "epoch_index": epoch_step * tokens_per_step // T, "best_val_loss": best_val_loss,
@@ -465,12 +489,8 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
             step, epoch_step = step + 1, epoch_step + 1
             bar.update()
 
-            stop, last = bool(signals.received), step == cfg.max_steps
-            if ddp:  # processes must stop at the same step: they agree every log_interval steps
-                flag = torch.tensor(float(stop), device=device)
-                if step % cfg.log_interval == 0:
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = step % cfg.log_interval == 0 and flag.item() > 0
+            # processes stop at the same step, the first after a signal (torchrun kills them 30 s after its own)
+            stop, last = on_every_process(bool(signals.received)), step == cfg.max_steps
             # read the loss back only every log_interval steps (it waits for the GPU), and before anything is written
             if last or stop or any(step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)):
                 stats = torch.stack([loss_sum / (step - step_log), grad_norm.float().to(device)])
@@ -486,7 +506,7 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
                     fail(message, code=EXIT_FAILED)
                 dt, t_log = time.time() - t_log, time.time()
                 tokens_per_sec = (step - step_log) * tokens_per_step / dt
-                mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
+                mfu = flops_per_token * tokens_per_sec / (peak * world_size) if peak else None
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
                 if hint_at is not None and step >= hint_at:
                     hint_at, hours = None, (cfg.max_steps - step) * tokens_per_step / tokens_per_sec / 3600
