@@ -158,7 +158,8 @@ def resume_checkpoint(out_dir):
         return load_checkpoint(last, RESUME_KEYS)
     except ValueError as e:
         try:
-            fallback = f"{best} (step {load_checkpoint(best, RESUME_KEYS)['step']}) is intact: `cp {best} {last}` resumes from it, "
+            step = load_checkpoint(best, RESUME_KEYS)["step"]
+            fallback = f"{best} (step {step}) is intact: `cp {best} {last}` resumes from it, "
         except ValueError:
             fallback = ""
         raise ValueError(f"{e}; {fallback}or pass --no-resume to start afresh") from None

@@ -118,6 +118,12 @@ def fill(folder, leave=0):
         os.truncate(folder / "filler", max(0, os.path.getsize(folder / "filler") - leave))
 
 
+def half_a_checkpoint_at_most():
+    """Like `ulimit -f`: writes past half a checkpoint fail with EFBIG (SIGXFSZ ignored, as shells do)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (CHECKPOINT_BYTES // 2, CHECKPOINT_BYTES // 2))
+
+
 def wait_for(condition, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -197,11 +203,8 @@ def test_disk_fills_up_during_training(corpus, small_disk, leave):
 
 @pytest.mark.slow
 def test_checkpoint_over_the_file_size_limit(corpus, previous):
-    def limit():  # like `ulimit -f`: writes past the limit fail with EFBIG (SIGXFSZ ignored, as shells do)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (CHECKPOINT_BYTES // 2, CHECKPOINT_BYTES // 2))
-
-    result = run(TRAIN, tiny(corpus, previous, "--max_steps", "40", "--checkpoint_interval", "10"), preexec_fn=limit)
+    result = run(TRAIN, tiny(corpus, previous, "--max_steps", "40", "--checkpoint_interval", "10"),
+                 preexec_fn=half_a_checkpoint_at_most)
     assert_fails(result, cfg.EXIT_IO, "larger than the file size limit")
     assert steps(previous) == {"last.pt": 20, "best.pt": 20} and not temporaries(previous)
     assert "error: cannot write" in (previous / "train.log").read_text()
@@ -210,14 +213,11 @@ def test_checkpoint_over_the_file_size_limit(corpus, previous):
 
 @pytest.mark.slow
 def test_a_failed_save_stops_every_ddp_process_with_74(corpus, tmp_path):
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (CHECKPOINT_BYTES // 2, CHECKPOINT_BYTES // 2))
-
     run_dir = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              TRAIN, *tiny(corpus, run_dir, "--max_steps", "30", "--batch_size", "4")],
-                            env=ENV, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+                            env=ENV, capture_output=True, text=True, timeout=120,
+                            preexec_fn=half_a_checkpoint_at_most)
     # process 0 could not write best.pt: both processes stop together (none waits for the other), exit 74
     assert result.returncode != 0 and result.stderr.count("exitcode  : 74") == 2, result.stderr[-3000:]
     assert result.stderr.count("error: cannot write") == 1 and not temporaries(run_dir)
