@@ -177,7 +177,9 @@ def text_description(txt_file, default):
 def setup(argv):
     """Everything that can be wrong with the options or the data is found here, before anything is written."""
     cfg = parse_config(argv)
-    txt_file = cfg.txt_file or default_corpus()
+    default = cfg.txt_file is None
+    txt_file = cfg.txt_file = cfg.txt_file or default_corpus()
+    text_name = text_description(txt_file, default)
     stem = os.path.splitext(os.path.basename(txt_file))[0]
     model_name = os.path.basename(os.path.normpath(cfg.pretrained)) if cfg.pretrained else cfg.model_type
     cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{stem}-{model_name}")  # stable: a requeued job resumes
@@ -234,9 +236,8 @@ def setup(argv):
         raise DataError(f"the training split has {len(splits['training'])} windows, fewer than one global batch "
                         f"of {global_batch}; use a longer text or a smaller --batch_size")
     cfg.max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps or DEFAULT_MAX_STEPS
-    cfg.txt_file, default = txt_file, cfg.txt_file is None
     return cfg, ckpt, tokenizer, splits["training"], splits["validation"], prompt, model_config, pretrained, \
-        steps_per_epoch, text_description(txt_file, default)
+        steps_per_epoch, text_name
 
 
 class Signals:
@@ -406,6 +407,7 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
     n_val = min(len(val_ds), cfg.eval_iters * tokens_per_step // T)  # eval_iters global batches
     val_windows = torch.randperm(len(val_ds), generator=torch.Generator().manual_seed(cfg.seed))[:n_val]
     val_batches = val_windows[rank::world_size].split(B)
+    n_val_here = float(len(val_windows[rank::world_size]))  # this process's share
 
     @torch.no_grad()
     def evaluate():
@@ -417,7 +419,7 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
             with autocast:
                 _, loss = eval_model(x, y)
             loss_sum += loss.float() * len(idx)
-        total = torch.stack([loss_sum, torch.tensor(float(len(val_windows[rank::world_size])), device=device)])
+        total = torch.stack([loss_sum, torch.tensor(n_val_here, device=device)])
         if ddp:
             dist.all_reduce(total)  # (sum of losses, number of windows) over all processes
         eval_model.train()

@@ -8,6 +8,9 @@ import random
 import pytest
 
 
+SLOW = pytest.StashKey[int]()  # how many slow tests the quick run left out
+
+
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true",
                      help="also run the slow tests, Slurm's included (they install slurm-wlm and munge with apt)")
@@ -26,8 +29,6 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("slow")]
         config.stash[SLOW] = len(slow)
 
-
-SLOW = pytest.StashKey[int]()
 
 
 def pytest_terminal_summary(terminalreporter, config):
