@@ -26,6 +26,7 @@ the same command again, or requeue the job, to continue; 130 a second Ctrl-C sto
 
 import datetime
 import errno
+import inspect
 import json
 import math
 import os
@@ -381,9 +382,10 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
     model = torch.compile(raw_model) if cfg.compile else raw_model  # shares raw_model's parameters
     eval_model = model
     if ddp:
-        # the buffers (causal mask, rotary tables) never change: no broadcast of them every step
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None,
-                    broadcast_buffers=False)
+        # the buffers (causal mask, rotary tables) never change: no broadcast of them every step (under the
+        # option's newer name where torch has it: the older one warns there)
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None, **{sync: False})
 
     n_params = raw_model.num_params()
     flops_per_token = 6 * n_params + 12 * model_config.n_layer * model_config.n_embd * T  # PaLM appendix B
@@ -492,7 +494,7 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
             step, epoch_step = step + 1, epoch_step + 1
             bar.update()
 
-            # processes stop at the same step, the first after a signal (torchrun kills them 30 s after its own)
+            # processes stop at the same step, the first after a signal
             stop, last = on_every_process(bool(signals.received)), step == cfg.max_steps
             # read the loss back only every log_interval steps (it waits for the GPU), and before anything is written
             if last or stop or any(step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)):

@@ -262,54 +262,92 @@ def test_multigpu_job_runs_two_processes_preempted_and_resumes_bitwise(cluster, 
     assert_bitwise_equal(resumed, uninterrupted, "preempted multigpu job vs uninterrupted torchrun")
 
 
-def test_multinode_job_preempted_resumes_bitwise(cluster, workdir, ddp_reference):
+def test_multinode_job_warned_then_preempted_resumes_bitwise(cluster, workdir, ddp_reference):
     """train_multinode.job (srun + torchrun, c10d rendezvous on the first node; here the only one) with the
-    same 2 processes: preempted, Slurm signals every process of the srun step (scancel --signal=TERM), the
-    job requeues itself and ends with the parameters of the uninterrupted run."""
+    same 2 processes, interrupted twice. First the time-limit warning: the script has Slurm send SIGUSR1 to
+    every process of the srun step (scancel --signal=USR1); torchrun ignores it, the train.py processes save
+    and exit, the job requeues itself. Then, once resumed, a preemption that requeues the job (`scontrol
+    requeue`, what PreemptMode=REQUEUE does): Slurm sends SIGTERM to every process of the job, srun and
+    torchrun included; train.py still writes last.pt, the script leaves the requeue to Slurm, and the job
+    ends with the parameters of the uninterrupted run. What only a real cluster shows: a checkpoint that
+    takes longer to write than the preemption's grace time (KillWait, GraceTime) is lost."""
     # RDZV_PORT: the script's override of its rendezvous port, here one that is free right now
     job = cluster.sbatch("slurm/train_multinode.job", *MULTI, options=["--nodes=1", *CPU_NODE],
                          env=job_env(cluster, NPROC_PER_NODE="2", RDZV_PORT=str(free_ports(1)[0])), cwd=workdir)
     run_dir = str(workdir / "runs" / f"train-multinode-{job}")
     files = output_files(workdir, "train-multinode", job)
-    preempt_and_finish(cluster, job, run_dir, files, 300)
-    assert "1 nodes x 2 processes x 1 threads, rendezvous" in read(files[0]), report(cluster, job, *files)
+    log = os.path.join(run_dir, "train.log")
+    wait_for_line(log, r"step 50: train loss", 120, cluster, job)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    wait_for_line(log, r"resuming .*\n(.*\n)*?.*step \d+: train loss", 120, cluster, job)  # an evaluation since
+    cluster.scontrol("requeue", job)
+    info = finish(cluster, job, [*files, log])
+    why = report(cluster, job, *files, log)
+    out, text = read(files[0]), read(log)
+    assert info["Restarts"] == "2" and "1 nodes x 2 processes x 1 threads, rendezvous" in out, why
+    assert "got SIGUSR1" in out and "requeueing the job" in out and "restart 2" in out, why
+    assert "got SIGTERM" in out and "Slurm ends the job" in out, why
+    stopped = re.findall(r"stopped by (SIG\w+) at step (\d+); last\.pt written", text)
+    resumed = re.findall(r"resuming \S+last\.pt at step (\d+)", text)
+    assert [signal for signal, _ in stopped] == ["SIGUSR1", "SIGTERM"], why
+    assert [step for _, step in stopped] == resumed and 50 <= int(resumed[0]) < int(resumed[1]) < 300, why
     step, resumed = params(run_dir)
     reference_step, uninterrupted = ddp_reference.params()
     assert step == reference_step == 300
-    assert_bitwise_equal(resumed, uninterrupted, "preempted multinode job vs uninterrupted torchrun")
+    assert_bitwise_equal(resumed, uninterrupted, "interrupted multinode job vs uninterrupted torchrun")
 
 
 # ---------------------------------------------------------------------------------------------- the scripts
 
 FAKE_TRAINING = r"""
-echo $$ > "$DIR/pid"
-trap 'echo "got TERM" >> "$DIR/log"; stop=1' TERM
-echo started >> "$DIR/log"
-while [ -z "$stop" ] && [ ! -e "$DIR/finish" ]; do sleep 0.05; done
-[ -n "$stop" ] || exit "${EXIT_CODE:-0}"
-sleep 1                                   # writing the checkpoint takes a while: the job must wait for it
-echo saved >> "$DIR/log"
-exit "${STOPPED_CODE:-75}"
+import os, signal, sys, time
+folder = os.environ["DIR"]
+def log(line):
+    with open(os.path.join(folder, "log"), "a") as f:
+        f.write(line + "\n")
+stop = []
+for s in (signal.SIGUSR1, signal.SIGTERM):  # like train.py's handlers (the USR1 one replaces an inherited ignore)
+    signal.signal(s, lambda n, _: (log("got " + signal.Signals(n).name[3:]), stop.append(1)))
+with open(os.path.join(folder, "pid"), "w") as f:
+    f.write(str(os.getpid()))
+log("started")
+while not stop and not os.path.exists(os.path.join(folder, "finish")):
+    time.sleep(0.05)
+if not stop:
+    sys.exit(int(os.environ["EXIT_CODE"]))
+time.sleep(1)  # writing the checkpoint takes a while: the job must wait for it
+log("saved")
+sys.exit(75)
 """
 STUB = '#!/bin/bash\necho "$(basename "$0") $*" >> "$DIR/log"\n'
+STUBS = {  # stand-ins for Slurm's commands and torchrun
+    "scontrol": 'if [ "$1" = show ]; then echo "JobId=$SLURM_JOB_ID JobState=$JOB_STATE Reason=None"; exit 0; fi\n'
+                'exit "$REQUEUE_CODE"\n',
+    "scancel": 'kill -USR1 "$(cat "$DIR/pid")"\n',  # scancel --signal=USR1 JOBID: Slurm signals the step's processes
+    "torchrun": '"$PYTHON" "$DIR/fake_training.py" || exit 1\n',  # torchrun reports a failed process with 1
+}
 
 
-@pytest.mark.parametrize("case", ["signal", "signal-srun", "requeue-refused", "done", "failed"])
+@pytest.mark.parametrize("case", ["signal", "signal-torchrun", "signal-srun", "cancelled", "requeue-refused",
+                                  "done", "failed"])
 def test_run_resumable_waits_for_the_checkpoint_then_requeues(tmp_path, case):
-    """slurm/resumable.sh alone, with a stand-in for the training and for scontrol/scancel: on SIGUSR1 it
-    asks the training to stop, waits for it to really end (bash's `wait` returns early on a trapped signal),
-    requeues only a stopped training, and ends with the right exit status."""
-    (tmp_path / "fake_training.sh").write_text(FAKE_TRAINING)
+    """slurm/resumable.sh alone, with a stand-in for the training and for scontrol/scancel/torchrun: on
+    SIGUSR1 (the time-limit warning) it asks the training to stop with SIGUSR1 (to the training itself, to
+    torchrun's processes, or through scancel to the srun steps; torchrun and srun must ignore it), waits
+    for it to really end (bash's `wait` returns early on a trapped signal), requeues only a stopped training
+    of a job Slurm still runs (not a cancelled one: SIGTERM to every process) and ends with the right exit
+    status."""
+    (tmp_path / "fake_training.py").write_text(FAKE_TRAINING)
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "scontrol").write_text(STUB + ('exit 1\n' if case == "requeue-refused" else 'exit 0\n'))
-    # scancel --signal=TERM JOBID: Slurm signals the step's processes, here the stand-in training
-    (tmp_path / "bin" / "scancel").write_text(STUB + 'kill -TERM "$(cat "$DIR/pid")"\n')
-    for stub in ("scontrol", "scancel"):
-        os.chmod(tmp_path / "bin" / stub, 0o755)
+    for name, body in STUBS.items():
+        (tmp_path / "bin" / name).write_text(STUB + body)
+        os.chmod(tmp_path / "bin" / name, 0o755)
     env = dict(os.environ, DIR=str(tmp_path), SLURM_JOB_ID="4242", PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
-               EXIT_CODE="2" if case == "failed" else "0", STOPPED_CODE="1" if case == "signal-srun" else "75")
-    srun = "--srun" if case == "signal-srun" else ""
-    command = f"source slurm/resumable.sh; run_resumable {srun} bash {tmp_path}/fake_training.sh"
+               PYTHON=sys.executable, EXIT_CODE="2" if case == "failed" else "0",
+               JOB_STATE="COMPLETING" if case == "cancelled" else "RUNNING",
+               REQUEUE_CODE="1" if case == "requeue-refused" else "0")
+    training = {"signal-torchrun": "torchrun", "signal-srun": "--srun torchrun"}.get(case, sys.executable)
+    command = f"source slurm/resumable.sh; run_resumable {training} {tmp_path}/fake_training.py"
     job = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     try:
@@ -319,20 +357,28 @@ def test_run_resumable_waits_for_the_checkpoint_then_requeues(tmp_path, case):
             time.sleep(0.05)
         if case in ("done", "failed"):
             (tmp_path / "finish").touch()
-        else:
-            job.send_signal(signal.SIGUSR1)  # what Slurm sends before the time limit (--signal=B:USR1@...)
+        elif case == "cancelled":  # scancel: Slurm sends SIGTERM to every process of the job
+            job.send_signal(signal.SIGTERM)
+            os.kill(int((tmp_path / "pid").read_text()), signal.SIGTERM)
+        else:  # what Slurm sends the job script before the time limit (--signal=B:USR1@...)
+            job.send_signal(signal.SIGUSR1)
         output, _ = job.communicate(timeout=20)
     finally:
         if job.poll() is None:
             job.kill()
-    log = (tmp_path / "log").read_text().split("\n")
-    expected = {"signal": (0, ["started", "got TERM", "saved", "scontrol requeue 4242"]),
-                "signal-srun": (0, ["started", "scancel --signal=TERM 4242", "got TERM", "saved",
+    log = [line for line in (tmp_path / "log").read_text().split("\n") if line]
+    launched = {"signal-torchrun": ["torchrun " + str(tmp_path / "fake_training.py")],
+                "signal-srun": ["torchrun " + str(tmp_path / "fake_training.py")]}.get(case, [])
+    stopped = ["got USR1", "saved", "scontrol show job 4242"]
+    expected = {"signal": (0, ["started", *stopped, "scontrol requeue 4242"]),
+                "signal-torchrun": (0, [*launched, "started", *stopped, "scontrol requeue 4242"]),
+                "signal-srun": (0, [*launched, "started", "scancel --signal=USR1 4242", *stopped,
                                     "scontrol requeue 4242"]),
-                "requeue-refused": (EXIT_INTERRUPTED, ["started", "got TERM", "saved", "scontrol requeue 4242"]),
+                "cancelled": (EXIT_INTERRUPTED, ["started", "got TERM", *stopped[1:]]),
+                "requeue-refused": (EXIT_INTERRUPTED, ["started", *stopped, "scontrol requeue 4242"]),
                 "done": (0, ["started"]),
                 "failed": (2, ["started"])}[case]
-    assert (job.returncode, [line for line in log if line]) == expected, output
+    assert (job.returncode, log) == expected, output
 
 
 def test_scripts_pass_bash_n_and_shellcheck():
