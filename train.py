@@ -288,19 +288,32 @@ def main(argv=None):
              EXIT_ABORTED)
 
 
+def start_processes(device):
+    """(rank, world size, device, control group) of this process. Under torchrun: join the others, each
+    on its own GPU; the control group, on the CPU, carries stop flags, save results and RNG states: no GPU
+    synchronisation each step, and others may wait for process 0's save (GBs for GPT-2 xl) longer than the
+    NCCL timeout that catches hangs. A single process: (0, 1, device, None)."""
+    if "RANK" not in os.environ:  # not launched by torchrun
+        return 0, 1, device, None
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device, control
+
+
+def data_parallel(model, device_type):
+    """The model under DDP. Its buffers (causal mask, rotary tables) never change: no broadcast of them before
+    every step (under the option's newer name where torch has it: the older one warns there)."""
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None, **{sync: False})
+
+
 def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrained, steps_per_epoch, text, signals):
     # -------------------------------------------------------------------------------- processes and devices
-    ddp = "RANK" in os.environ  # launched by torchrun
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = cfg.device
-    if ddp:
-        if device.startswith("cuda"):
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        # stop flags, saves and RNG states go through a CPU group: no GPU synchronisation each step, and the
-        # others may wait for process 0's save (GBs for GPT-2 xl) longer than NCCL's timeout catches hangs in
-        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
+    rank, world_size, device, control = start_processes(cfg.device)
+    ddp = control is not None
     master = rank == 0  # only process 0 writes the log, TensorBoard and checkpoints
     device_type = device.split(":")[0]
     if device_type == "cuda":
@@ -382,10 +395,7 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
     model = torch.compile(raw_model) if cfg.compile else raw_model  # shares raw_model's parameters
     eval_model = model
     if ddp:
-        # the buffers (causal mask, rotary tables) never change: no broadcast of them every step (under the
-        # option's newer name where torch has it: the older one warns there)
-        sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None, **{sync: False})
+        model = data_parallel(model, device_type)
 
     n_params = raw_model.num_params()
     flops_per_token = 6 * n_params + 12 * model_config.n_layer * model_config.n_embd * T  # PaLM appendix B

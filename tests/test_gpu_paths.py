@@ -1,6 +1,7 @@
 """The CUDA and MPS paths of train.py and cfg.py, simulated on a CPU: torch.cuda's and torch.mps's functions
 are replaced by stand-ins that record how they are called. What only a GPU can show is said in each test."""
 
+import os
 import re
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import torch
 
 import cfg
 import train
-from test_train import ENV, TRAIN, tiny
+from test_train import ENV, ROOT, TRAIN, tiny
 
 
 @pytest.fixture
@@ -86,6 +87,46 @@ def test_mfu_peak_is_the_gpu_model_not_a_substring(name, peak):
     assert train.peak_flops(name) == peak
 
 
+def test_each_process_takes_its_own_gpu_and_a_cpu_control_group_with_a_long_timeout(fake_cuda, monkeypatch):
+    # process 1 of 2 on a node: its GPU is LOCAL_RANK's, NCCL for the model, and the stop flags and save
+    # results go through gloo with hours of patience (process 0's save of GPT-2 xl takes minutes). Only a GPU
+    # cluster shows NCCL itself and how long that save takes.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(train.dist, "new_group", lambda **kwargs: calls.append(("group", kwargs)) or "control")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.start_processes("cuda") == (1, 2, "cuda:1", "control")
+    (_, device), (_, backend), (_, group) = calls
+    assert (device, backend, group["backend"]) == ("cuda:1", "nccl", "gloo")
+    assert group["timeout"].total_seconds() >= 3600
+    monkeypatch.delenv("RANK")
+    assert train.start_processes("cuda") == (0, 1, "cuda", None)  # no torchrun: one process, no group
+
+
+def test_ddp_does_not_broadcast_the_fixed_buffers_before_each_step(monkeypatch):
+    # the causal mask and rotary tables never change: DDP's default broadcasts them before every forward
+    # (here counted on a one-process gloo group); on GPUs that is a copy per step over NVLink or the network.
+    from gpt import GPT, GPTConfig
+    broadcasts = []
+    real = train.dist._broadcast_coalesced
+    monkeypatch.setattr(train.dist, "_broadcast_coalesced", lambda *a, **k: broadcasts.append(1) or real(*a, **k))
+    train.dist.init_process_group("gloo", store=train.dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = GPT(GPTConfig(vocab_size=10, n_layer=1, n_head=1, n_embd=8, block_size=8))
+        x = torch.zeros(1, 4, dtype=torch.long)
+        counts = []
+        for wrapped in (train.DDP(model), train.data_parallel(model, "cpu")):  # the default, then ours
+            before = len(broadcasts)
+            wrapped(x)
+            counts.append(len(broadcasts) - before)
+    finally:
+        train.dist.destroy_process_group()
+    assert counts[0] > 0 and counts[1] == 0, counts
+
+
 @pytest.mark.slow
 def test_torchrun_agent_sigterm_stops_every_process_at_the_next_step(corpus, tmp_path):
     # torchrun forwards SIGTERM to its processes and SIGKILLs them 30 s later: they must stop at the next step,
@@ -109,3 +150,27 @@ def test_torchrun_agent_sigterm_stops_every_process_at_the_next_step(corpus, tmp
     assert stopped, stderr[-3000:]
     ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == int(stopped.group(1)) < 1000 and len(ckpt["rng"]) == 2
+
+
+GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.py")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: the check would run")
+def test_gpu_check_without_a_gpu_says_so_in_one_line():
+    done = subprocess.run([sys.executable, GPU_CHECK], env=ENV, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and not done.stdout, done
+    assert done.stderr.count("\n") == 1 and "no CUDA GPU here" in done.stderr and "srun --gpus=1" in done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_four_checks_on_the_cpu(corpus, tmp_path):
+    # the instructor's GPU check (benchmarks/gpu_check.py) with --device cpu and a tiny model: each check runs
+    # and passes. On a GPU it adds bf16, fp16 and --compile, and its figures are the point.
+    done = subprocess.run([sys.executable, GPU_CHECK, "--device", "cpu", "--precisions", "fp32", "--no-compile",
+                           "--steps", "20", "--out_dir", str(tmp_path), "--", "--txt_file", corpus, "--model_type",
+                           "gpt-nano", "--block_size", "32", "--batch_size", "8", "--eval_iters", "2"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    outcomes = re.findall(r"^(PASS|FAIL|SKIP) (\w+)", done.stdout, re.M)
+    assert done.returncode == 0 and outcomes == [("PASS", "speed"), ("PASS", "resume"), ("PASS", "DDP"),
+                                                 ("PASS", "sampling")], done.stdout + done.stderr[-3000:]
+    assert "bitwise equal" in done.stdout and "tokens/s" in done.stdout
