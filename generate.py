@@ -18,7 +18,8 @@ import torch
 
 from cfg import EXIT_ABORTED, EXIT_IO, EXIT_USAGE, parse_sample_config
 from dataset import DataError, GPT2Tokenizer, atomic_write, check_writable, read_text, tokenizer_from_dict
-from gpt import GPT, GPTConfig, pretrained_folder
+from gpt import GPT, GPTConfig
+from pretrained import pretrained_folder
 from train import load_checkpoint
 
 SEPARATOR = "\n" + "-" * 30 + " sample {i} of {n} " + "-" * 30 + "\n"

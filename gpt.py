@@ -6,9 +6,7 @@ Module and parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c
 GPT-2 checkpoints map onto this model with only the Conv1D transposes (see GPT.from_pretrained).
 """
 
-import json
 import math
-import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -153,27 +151,30 @@ class RotaryEmbedding(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the positions one attention layer has seen, preallocated: (B, nh, max_len, hs) each.
-    Generation then computes q, k, v for the new token only and attends to the cached ones."""
+    """Keys and values of every layer for the positions processed so far, preallocated: with it, GPT.forward
+    computes q, k, v for the new tokens only (positions length, length + 1, ...) and attends to the cached ones."""
 
-    def __init__(self, batch_size, n_head, max_len, head_size, device, dtype):
-        self.k = torch.empty(batch_size, n_head, max_len, head_size, device=device, dtype=dtype)
-        self.v = torch.empty_like(self.k)
-        self.length = 0  # positions filled so far
+    def __init__(self, config, batch_size, device, dtype):
+        hs = config.n_embd // config.n_head
+        self.kv = torch.empty(config.n_layer, 2, batch_size, config.n_head, config.block_size, hs, device=device,
+                              dtype=dtype)  # per layer: keys and values, (B, nh, block_size, hs) each
+        self.length = 0  # positions filled so far; GPT.forward advances it
 
-    def update(self, k, v):
-        """Append k, v (B, nh, T, hs) -> the keys and values of every position so far (B, nh, length, hs)."""
-        start, self.length = self.length, self.length + k.size(2)
-        self.k.narrow(2, start, k.size(2)).copy_(k)  # narrow + copy_: cheaper than slice assignment per token
-        self.v.narrow(2, start, v.size(2)).copy_(v)
-        return self.k.narrow(2, 0, self.length), self.v.narrow(2, 0, self.length)
+    def update(self, layer, k, v):
+        """Store one layer's k, v (B, nh, T, hs) of the new positions -> its keys and values of every position
+        so far, (B, nh, length + T, hs) each."""
+        keys, values = self.kv[layer, 0], self.kv[layer, 1]  # (B, nh, block_size, hs) each
+        keys.narrow(2, self.length, k.size(2)).copy_(k)  # narrow + copy_: cheaper than slice assignment per token
+        values.narrow(2, self.length, v.size(2)).copy_(v)
+        return keys.narrow(2, 0, self.length + k.size(2)), values.narrow(2, 0, self.length + v.size(2))
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head masked self-attention: each position attends to itself and the positions before it."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
+        self.layer = layer  # its index among the blocks: where its keys and values go in a KVCache
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
@@ -187,7 +188,6 @@ class CausalSelfAttention(nn.Module):
         # mask[i, j] is True where query i may attend to key j (j <= i)
         mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
         self.register_buffer("mask", mask, persistent=False)
-        self.kv_cache = None  # a KVCache while GPT.generate runs with one
 
     def qkv(self, x):
         """x: (B, T, C) -> q, k, v, each (B, nh, T, hs) with hs = C // nh."""
@@ -204,38 +204,34 @@ class CausalSelfAttention(nn.Module):
 
     def attention_probs(self, q, k):
         """Manual path: q (B, nh, Tq, hs), k (B, nh, Tk, hs) -> causal attention probabilities (B, nh, Tq, Tk).
-        The queries are the last Tq of the Tk positions (Tq == Tk without a KV cache)."""
+        The queries are the last Tq of the Tk positions: Tq == Tk in training, fewer with a KV cache."""
         Tq, Tk = q.size(-2), k.size(-2)
+        offset = Tk - Tq  # position of the first query (keys before it come from a KV cache; 0 in training)
         # BEGIN SOLUTION attn_scores
         # TODO: scores att = q @ k^T (transpose k's last two dims), scaled by 1 / sqrt(hs): (B, nh, Tq, Tk).
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         # END SOLUTION
         # BEGIN SOLUTION attn_mask
-        # TODO: hide the future: where self.mask[Tk - Tq:Tk, :Tk] is False, set att to float("-inf")
-        # TODO: (att.masked_fill). Shape stays (B, nh, Tq, Tk).
-        att = att.masked_fill(~self.mask[Tk - Tq:Tk, :Tk], float("-inf"))
+        # TODO: hide the future: where self.mask[offset:offset + Tq, :Tk] is False (the rows of the queries'
+        # TODO: positions; [:T, :T] in training), set att to float("-inf") (att.masked_fill). (B, nh, Tq, Tk)
+        att = att.masked_fill(~self.mask[offset:offset + Tq, :Tk], float("-inf"))
         # END SOLUTION
         # BEGIN SOLUTION attn_softmax
         # TODO: turn each row of scores into probabilities: softmax over the last dim (keys). (B, nh, Tq, Tk)
         return F.softmax(att, dim=-1)
         # END SOLUTION
 
-    def forward(self, x):
-        """x: (B, T, C) -> (B, T, C). With a KV cache, x holds the T newest positions only."""
+    def forward(self, x, cache=None):
+        """x: (B, T, C) -> (B, T, C). With a KVCache, x holds the T newest positions only."""
         B, T, C = x.size()
         q, k, v = self.qkv(x)  # (B, nh, T, hs) each
-        offset = 0 if self.kv_cache is None else self.kv_cache.length  # position of x's first token
+        offset = 0 if cache is None else cache.length  # position of x's first token
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(k, v)  # (B, nh, offset + T, hs)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nh, offset + T, hs): every position so far
             q = q.to(k.dtype)  # the cache may hold fp32 for a bf16 model (see GPT.stream)
-        if self.use_flash_attn and offset > 0:
-            # cached decoding: the T queries are the last positions, so the causal mask is offset
-            # (is_causal would align it to the first key); a single query may see every key
-            mask = None if T == 1 else self.mask[offset:offset + T, :offset + T]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif self.use_flash_attn:
+        if self.use_flash_attn and offset == 0:  # (is_causal aligns the mask to the first key: no cache)
             # BEGIN SOLUTION attn_flash
             # TODO: the same attention in one fused kernel: F.scaled_dot_product_attention(q, k, v) with
             # TODO: is_causal=True and dropout_p=self.dropout while training (0.0 in eval). -> (B, nh, T, hs)
@@ -243,7 +239,7 @@ class CausalSelfAttention(nn.Module):
                                                is_causal=True)
             # END SOLUTION
         else:
-            att = self.attention_probs(q, k)  # (B, nh, T, T)
+            att = self.attention_probs(q, k)  # (B, nh, T, offset + T)
             # BEGIN SOLUTION attn_values
             # TODO: apply self.attn_dropout to att, then take the weighted sum of values: att @ v -> (B, nh, T, hs)
             y = self.attn_dropout(att) @ v
@@ -277,18 +273,19 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Transformer block with pre-norm residual connections (GPT-2)."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = make_norm(config)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         # BEGIN SOLUTION block
         # TODO: two residual branches, each normalising its input first (pre-norm): add to x what self.attn
-        # TODO: makes of self.ln_1(x); then add to that what self.mlp makes of its self.ln_2. (B, T, C) -> (B, T, C)
-        x = x + self.attn(self.ln_1(x))
+        # TODO: makes of self.ln_1(x) (passing cache on: self.attn(..., cache)); then add to that what self.mlp
+        # TODO: makes of its self.ln_2. (B, T, C) -> (B, T, C)
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
         # END SOLUTION
@@ -304,7 +301,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd) if config.abs_emb else None,
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -325,39 +322,37 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding=False):
-        """Number of parameters (the tied wte/lm_head matrix counted once); optionally without wpe."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and self.transformer.wpe is not None:
-            n -= self.transformer.wpe.weight.numel()
-        return n
+    def num_params(self):
+        """Number of parameters (the tied wte/lm_head matrix counted once)."""
+        return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None):
-        """idx: (B, T) token ids, T <= block_size; targets: (B, T) or None (-1 = ignore).
-        Returns logits (B, T, vocab_size) and the mean cross-entropy loss (None without targets)."""
+    def forward(self, idx, targets=None, cache=None):
+        """idx: (B, T) token ids; targets: (B, T) or None (-1 = ignore); cache: a KVCache holding the positions
+        before idx's (generation), or None. Returns logits (B, T, vocab_size) and the mean cross-entropy loss
+        (None without targets)."""
         B, T = idx.size()
-        cache = self.transformer.h[0].attn.kv_cache
         offset = 0 if cache is None else cache.length  # position of idx's first token
         if offset + T > self.config.block_size:
             raise ValueError(f"sequence length {offset + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(offset, offset + T, device=idx.device)  # (T,) the positions of idx's tokens
         # BEGIN SOLUTION gpt_embed
         # TODO: token embeddings self.transformer.wte(idx) (B, T, C); with learned positions
-        # TODO: (self.transformer.wpe is not None) add wpe(pos) for the positions
-        # TODO: pos = torch.arange(offset, offset + T, device=idx.device), shape (T, C) broadcast over the
-        # TODO: batch (offset is 0 except when a KV cache holds earlier tokens); then apply
+        # TODO: (self.transformer.wpe is not None) add wpe(pos), (T, C) broadcast over the batch; then apply
         # TODO: self.transformer.drop. -> x (B, T, C)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
-            x = x + self.transformer.wpe(torch.arange(offset, offset + T, device=idx.device))  # (T, C) broadcast
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch
         x = self.transformer.drop(x)
         # END SOLUTION
         # BEGIN SOLUTION gpt_logits
-        # TODO: run x through every block in self.transformer.h, then self.transformer.ln_f, then
-        # TODO: self.lm_head -> logits (B, T, vocab_size).
+        # TODO: run x through every block in self.transformer.h (block(x, cache)), then self.transformer.ln_f,
+        # TODO: then self.lm_head -> logits (B, T, vocab_size).
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, cache)
         logits = self.lm_head(self.transformer.ln_f(x))
         # END SOLUTION
+        if cache is not None:
+            cache.length += T  # every layer has stored idx's keys and values
         if targets is None:
             return logits, None
         # BEGIN SOLUTION gpt_loss
@@ -369,51 +364,10 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """OpenAI's GPT-2 from Hugging Face weights: a name in GPT2_NAMES (downloaded once into the Hugging
-        Face cache) or a local folder with config.json and model.safetensors (or a sharded index)."""
-        folder = pretrained_folder(name_or_dir)
-        path = os.path.join(folder, "config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-            if hf.get("model_type", "gpt2") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
-                raise ValueError(f"model_type {hf.get('model_type')!r}")
-            config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-                               n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, abs_emb=True)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
-            raise ValueError(f"{path} is not the config.json of a GPT-2 model ({type(e).__name__}: {e}); "
-                             f"pass a folder written by save_pretrained") from None
-        with torch.device("meta"):  # no time spent on a random init that is overwritten anyway
-            model = cls(config)
-        hf_state = _load_safetensors(folder)
-        state = {}
-        for name in model.state_dict():
-            if name == "lm_head.weight":
-                continue  # tied to transformer.wte.weight
-            # transformers 5 writes "transformer."-prefixed names; the Hub's original files do not
-            tensor = hf_state.get(name, hf_state.get(name.removeprefix("transformer.")))
-            if tensor is None:
-                raise ValueError(f"{folder}: weights have no tensor for {name}")
-            if name.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
-                tensor = tensor.t()  # GPT-2's Conv1D stores (in, out); nn.Linear wants (out, in)
-            state[name] = tensor
-        model.load_state_dict(state, strict=False, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight  # tie again: assign replaced the parameter
-        for module in model.modules():  # the non-persistent buffers are still on the meta device
-            if isinstance(module, CausalSelfAttention):
-                module.mask = torch.ones_like(module.mask, device="cpu").tril()
-        return model
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        # the fused kernel updates every parameter in one pass instead of ~10 operations per tensor
-        # (on a CPU, 5 ms per step instead of 15-30 for the default model)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        """OpenAI's GPT-2: a name in pretrained.GPT2_NAMES or a folder in Hugging Face layout (pretrained.py
+        maps its weights onto this model's modules, which carry GPT-2's names)."""
+        from pretrained import load_gpt2  # imported here: pretrained.py builds on this module
+        return load_gpt2(cls, name_or_dir, dropout)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
@@ -421,9 +375,8 @@ class GPT(nn.Module):
         """Append max_new_tokens sampled tokens to idx (B, T) -> (B, T + max_new_tokens).
         temperature 0 is greedy decoding; top_k / top_p restrict sampling to the most likely tokens;
         a seeded torch.Generator makes the samples reproducible. See stream() for the KV cache."""
-        for next_token in self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache):
-            idx = torch.cat((idx, next_token), dim=1)
-        return idx
+        tokens = self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache)
+        return torch.cat([idx, *tokens], dim=1)
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
@@ -433,60 +386,19 @@ class GPT(nn.Module):
         step. Once the sequence outgrows block_size, every step recomputes the window like the uncached
         loop: cached keys of deeper layers depend on tokens that have left the window, so sliding the
         cache would change the result."""
-        block_size = self.config.block_size
-        weight = self.lm_head.weight
-        restore = _pack_linears(self)
-        if kv_cache:
-            hs = self.config.n_embd // self.config.n_head
-            for block in self.transformer.h:
-                # on CPU, attention over the cache runs faster in fp32 than in bf16/fp16 (and is more exact)
-                dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
-                block.attn.kv_cache = KVCache(idx.size(0), self.config.n_head, block_size, hs, weight.device, dtype)
-        try:
-            new = idx[:, -block_size:]  # what the next forward has to process
-            for _ in range(max_new_tokens):
-                if kv_cache and self.transformer.h[0].attn.kv_cache.length + new.size(1) > block_size:
-                    for block in self.transformer.h:  # window full: start again from the last block_size tokens
-                        block.attn.kv_cache.length = 0
-                    new = idx[:, -block_size:]
-                logits, _ = self(new)
-                next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-                idx = torch.cat((idx, next_token), dim=1)
-                new = next_token if kv_cache else idx[:, -block_size:]
-                yield next_token
-        finally:
-            restore()
-            for block in self.transformer.h:
-                block.attn.kv_cache = None
-
-
-PACK_MAX_BYTES = 2 ** 31  # a packed copy doubles the weights' memory: not for the largest GPT-2s
-
-
-def _pack_linears(model):
-    """Speed up generation on CPU: every nn.Linear multiplies with a copy of its weight prepacked for
-    oneDNN (a blocked layout made for it; the same kernels torch.compile uses on CPU). Decoding is one
-    token per step, matrix-vector products that read every weight once, and the packed layout reads
-    them about 1.4x faster. Only on CPU in fp32 or bf16, outside autocast and for models under
-    PACK_MAX_BYTES; elsewhere nothing changes. Returns the function that undoes it."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    w = linears[0].weight
-    bf16_ok = w.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if (w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or not bf16_ok
-            or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu")
-            or size > PACK_MAX_BYTES):
-        return lambda: None
-    for m in linears:
-        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, 1)  # 1: a batch-size hint
-        # an instance attribute shadows the class's forward until it is deleted
-        m.forward = lambda x, packed=packed, bias=m.bias: torch.ops.mkldnn._linear_pointwise(
-            x, packed, bias, "none", [], "")
-
-    def restore():
-        for m in linears:
-            del m.forward
-    return restore
+        block_size, weight = self.config.block_size, self.lm_head.weight
+        # on CPU, attention over the cache runs faster in fp32 than in bf16/fp16 (and is more exact)
+        dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
+        cache = KVCache(self.config, idx.size(0), weight.device, dtype) if kv_cache else None
+        new = idx[:, -block_size:]  # what the next forward has to process
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.length + new.size(1) > block_size:  # window full: start again
+                cache.length, new = 0, idx[:, -block_size:]  # from the last block_size tokens
+            logits, _ = self(new, cache=cache)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat((idx, next_token), dim=1)
+            new = next_token if kv_cache else idx[:, -block_size:]
+            yield next_token
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -525,47 +437,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
     # END SOLUTION
-
-
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
-
-def pretrained_folder(name_or_dir):
-    """A local folder as it is; a GPT-2 name through huggingface_hub (its cache, else one download)."""
-    if os.path.isdir(name_or_dir):
-        if not os.path.isfile(os.path.join(name_or_dir, "config.json")):
-            raise ValueError(f"{name_or_dir} has no config.json; pass a folder in Hugging Face layout")
-        return name_or_dir
-    if name_or_dir not in GPT2_NAMES:
-        raise ValueError(f"unknown pretrained model {name_or_dir!r}: use one of {', '.join(GPT2_NAMES)} "
-                         f"or a local folder")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(f"openai-community/{name_or_dir}",
-                                 allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
-                                                 "vocab.json", "merges.txt"])
-    except Exception as e:  # offline: whatever the HTTP client raises, or huggingface_hub's own errors
-        raise ValueError(f"cannot download {name_or_dir} from Hugging Face ({type(e).__name__}); without internet, "
-                         f"pass a local folder instead: one with config.json, model.safetensors, vocab.json and "
-                         f"merges.txt, e.g. copied from a machine where `--pretrained {name_or_dir}` worked "
-                         f"(~/.cache/huggingface/hub/models--openai-community--{name_or_dir}/snapshots/*)") from None
-
-
-def _load_safetensors(folder):
-    from safetensors.torch import load_file
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        shards = ["model.safetensors"]
-    else:
-        raise ValueError(f"{folder} has no model.safetensors; save the model with save_pretrained")
-    state = {}
-    for shard in shards:
-        try:
-            state.update(load_file(os.path.join(folder, shard)))
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"cannot read {os.path.join(folder, shard)} ({type(e).__name__}): it is damaged or "
-                             f"incomplete; download or save it again") from None
-    return state

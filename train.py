@@ -50,7 +50,8 @@ from cfg import (CPU_QUICK_RUN, DEFAULT_MAX_STEPS, EXIT_ABORTED, EXIT_FAILED, EX
                  cpu_has_bf16, cpu_has_fp16, parse_config)
 from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomic_write, check_writable, default_corpus,
                      read_text, remove_stale_temporaries, tokenizer_from_dict, train_val_split)
-from gpt import GPT, GPTConfig, pretrained_folder
+from gpt import GPT, GPTConfig
+from pretrained import pretrained_folder
 
 # dense bf16/fp16 tensor-core peaks, for MFU: a model name is one word of the GPU's name ("NVIDIA L40S",
 # "NVIDIA A100-SXM4-80GB"), so L40 is not L4 and A10G (no published peak) is not A10; the PCIe and NVL
@@ -288,6 +289,18 @@ def main(argv=None):
              EXIT_ABORTED)
 
 
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # the fused kernel updates every parameter in one pass instead of ~10 operations per tensor
+    # (on a CPU, 5 ms per step instead of 15-30 for the default model)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+
+
 def start_processes(device):
     """(rank, world size, device, control group) of this process. Under torchrun: join the others, each
     on its own GPU; the control group, on the CPU, carries stop flags, save results and RNG states: no GPU
@@ -337,7 +350,7 @@ def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrain
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # each process its own dropout; DDP copies process 0's initial weights
     raw_model = (pretrained or GPT(model_config)).to(device)  # the plain module: what checkpoints and sampling use
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = configure_optimizers(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")  # fp16 needs loss scaling
     step, epoch, epoch_step, best_val_loss = 0, 0, 0, float("inf")
     if ckpt:

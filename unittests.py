@@ -293,7 +293,7 @@ def test_attention_mask_hides_future():
     expected = torch.ones(9, 9).tril().bool()[6:]
     if not torch.equal(probs[0, 0] > 0, expected):
         fail("with 3 queries and 9 keys, query i is position 6 + i and sees keys 0..6+i "
-             "(use self.mask[Tk - Tq:Tk, :Tk])", "attn_mask")
+             "(the rows of the queries' positions: self.mask[offset:offset + Tq, :Tk])", "attn_mask")
 
 
 @pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
@@ -506,8 +506,11 @@ def test_cached_decoding_equals_uncached(abs_emb):
     """generate() with the KV cache feeds one new token at a time: its position is the cache's length
     (offset), for learned positions (wpe) as for rotary ones. It must decode exactly as without the cache."""
     model = tiny_model(abs_emb=abs_emb)
-    if abs_emb:  # positions that matter: large learned position embeddings
-        model.load_state_dict({**model.state_dict(), "transformer.wpe.weight": torch.randn(8, 32)})
+    state = model.state_dict()  # a context that matters: strong attention outputs and, if learned, positions
+    state.update({k: v * 30 for k, v in state.items() if k.endswith("attn.c_proj.weight")})
+    if abs_emb:
+        state["transformer.wpe.weight"] = torch.randn(8, 32)
+    model.load_state_dict(state)
     idx = torch.randint(0, 13, (4, 2))
     cached = model.generate(idx, 6, temperature=0, kv_cache=True)
     plain = model.generate(idx, 6, temperature=0, kv_cache=False)

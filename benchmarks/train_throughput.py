@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from cfg import cpu_has_bf16  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
+from train import configure_optimizers  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
 
@@ -64,8 +65,8 @@ class Trainer:
         torch.manual_seed(0)
         self.model = make().train()
         self.hf = not isinstance(self.model, GPT)
-        # our optimizer for both models (configure_optimizers only needs .parameters())
-        self.optimizer = GPT.configure_optimizers(self.model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+        # our optimizer for both models (train.configure_optimizers only needs .parameters())
+        self.optimizer = configure_optimizers(self.model, 0.1, 1e-3, (0.9, 0.99), "cpu")
         self.x = torch.randint(SHAPE["vocab_size"], (args.batch_size, SHAPE["block_size"]))
         self.y = torch.randint(SHAPE["vocab_size"], (args.batch_size, SHAPE["block_size"]))
         self.args = args

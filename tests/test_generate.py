@@ -32,13 +32,10 @@ def test_cached_logits_equal_full_forward(abs_emb, flash):
     model = tiny(abs_emb, flash)
     idx = torch.randint(0, 17, (2, 10))
     full, _ = model(idx)
-    for block in model.transformer.h:
-        block.attn.kv_cache = KVCache(2, 2, 10, 8, "cpu", torch.float32)
-    try:
-        steps = [model(idx[:, :4])[0]] + [model(idx[:, t:t + 1])[0] for t in range(4, 10)]  # prefill, then decode
-    finally:
-        for block in model.transformer.h:
-            block.attn.kv_cache = None
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    steps = [model(idx[:, :4], cache=cache)[0]]  # prefill, then decode one token at a time
+    steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(4, 10)]
+    assert cache.length == 10
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
