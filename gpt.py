@@ -1,9 +1,7 @@
 """
-A GPT-2 style decoder-only transformer, in the order data flows through it:
-norms, rotary position embedding, causal self-attention, MLP, Block, GPT.
-
-Module and parameter names follow GPT-2 (transformer.wte, transformer.h.0.attn.c_attn, ...), so
-GPT-2 checkpoints map onto this model with only the Conv1D transposes (see GPT.from_pretrained).
+A GPT-2 style decoder-only transformer, in the order data flows through it: config, norms, rotary position
+embedding, causal self-attention, MLP, Block, GPT, sampling. Module and parameter names follow GPT-2
+(transformer.wte, transformer.h.0.attn.c_attn, ...), so GPT-2's weights load onto it (GPT.from_pretrained).
 """
 
 import math
@@ -56,20 +54,16 @@ class GPTConfig:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm written out: y = (x - mean) / sqrt(var + eps) * weight + bias, over the last dim.
-    fused=True calls PyTorch's kernel instead: the same result in one operation instead of seven,
-    which matters for speed (the model uses it unless GPTConfig.fused_norm is False)."""
+    """LayerNorm written out: y = (x - mean) / sqrt(var + eps) * weight + bias, over the last dim. The model
+    uses PyTorch's nn.LayerNorm, one kernel instead of seven operations, unless GPTConfig.fused_norm is False."""
 
-    def __init__(self, ndim, bias=True, eps=1e-5, fused=False):
+    def __init__(self, ndim, bias=True, eps=1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
         self.eps = eps
-        self.fused = fused
 
     def forward(self, x):
-        if self.fused:
-            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         # BEGIN SOLUTION layernorm
         # TODO: normalise x over its last dimension without F.layer_norm: mean and biased
         # TODO variance (unbiased=False) over dim -1 with keepdim=True, then (x - mean) / sqrt(var + self.eps),
@@ -83,17 +77,14 @@ class LayerNorm(nn.Module):
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm (as in LLaMA): y = x / sqrt(mean(x^2) + eps) * weight. No centring, no bias.
-    fused=True calls PyTorch's kernel instead, as for LayerNorm."""
+    The model uses PyTorch's nn.RMSNorm unless GPTConfig.fused_norm is False, as for LayerNorm."""
 
-    def __init__(self, ndim, eps=1e-5, fused=False):
+    def __init__(self, ndim, eps=1e-5):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.eps = eps
-        self.fused = fused
 
     def forward(self, x):
-        if self.fused:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # BEGIN SOLUTION rmsnorm
         # TODO: divide x by the root mean square of its last dimension, sqrt(mean(x**2) + self.eps)
         # TODO (mean over dim -1, keepdim=True), then multiply by self.weight. Same shape as x.
@@ -102,44 +93,28 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config):
+    """The block's norm; PyTorch's modules have the same parameters (weight, bias), hence the same checkpoints."""
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, fused=config.fused_norm)
-    return LayerNorm(config.n_embd, bias=config.bias, fused=config.fused_norm)
+        return nn.RMSNorm(config.n_embd, eps=1e-5) if config.fused_norm else RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias) if config.fused_norm else LayerNorm(config.n_embd, config.bias)
 
 
 class RotaryEmbedding(nn.Module):
-    """
-    Rotary position embedding (RoPE, half-split convention of GPT-NeoX / LLaMA).
-    Channel i of the first half and channel i of the second half form a pair, rotated by the angle
-    pos * base^(-2i/hs). Rotating q and k makes q_m . k_n depend only on the distance m - n.
-    """
+    """Rotary position embedding (RoPE, half-split convention of GPT-NeoX / LLaMA). Channel i of the first half
+    and channel i of the second half form a pair, rotated by the angle pos * base^(-2i/hs). Rotating q and k
+    makes q_m . k_n depend only on the distance m - n."""
 
-    def __init__(self, head_size, max_len, base=10000.0):
+    def __init__(self, head_size, base=10000.0):
         super().__init__()
-        self.head_size, self.max_len, self.base = head_size, max_len, base
-        # computed once; buffers follow the model's device but are not saved (a function of the config)
-        self.register_buffer("cos", None, persistent=False)
-        self.register_buffer("sin", None, persistent=False)
-        self._build_tables(torch.device("cpu"))
-
-    def _build_tables(self, device):
-        inv_freq = self.base ** (-torch.arange(0, self.head_size, 2, dtype=torch.float32, device=device)
-                                 / self.head_size)  # (hs/2,)
-        angles = torch.outer(torch.arange(self.max_len, dtype=torch.float32, device=device), inv_freq)  # (max_len, hs/2)
-        self.cos, self.sin = angles.cos(), angles.sin()
-
-    def _apply(self, fn, recurse=True):
-        # model.to(device, dtype) moves the tables, but casting them to bf16/fp16 would round the
-        # angles of far positions: rebuild them in fp32 wherever they now live
-        super()._apply(fn, recurse)
-        self._build_tables(self.cos.device)
-        return self
+        self.head_size, self.base = head_size, base
 
     def forward(self, x, offset=0):
         """x: (B, nh, T, hs) for positions offset .. offset+T-1 -> rotated x, same shape and dtype."""
-        T = x.size(-2)
-        cos = self.cos[offset:offset + T].float()  # (T, hs/2)
-        sin = self.sin[offset:offset + T].float()
+        # the angles, always in fp32 (in bf16 the angles of far positions would be rounded); cheap to compute
+        inv_freq = self.base ** (-torch.arange(0, self.head_size, 2, device=x.device) / self.head_size)  # (hs/2,)
+        pos = torch.arange(offset, offset + x.size(-2), dtype=torch.float32, device=x.device)  # (T,)
+        angles = torch.outer(pos, inv_freq)  # (T, hs/2)
+        cos, sin = angles.cos(), angles.sin()
         # BEGIN SOLUTION rotary
         # TODO: split x (in fp32: x.float()) into halves x1, x2 along the last dim (each (B, nh, T, hs/2)),
         # TODO: rotate each pair: (x1 * cos - x2 * sin, x1 * sin + x2 * cos), concatenate the two
@@ -151,8 +126,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for the positions processed so far, preallocated: with it, GPT.forward
-    computes q, k, v for the new tokens only (positions length, length + 1, ...) and attends to the cached ones."""
+    """Keys and values of every layer for the positions processed so far: with it, GPT.forward computes q, k, v
+    of the new tokens only (positions length, length + 1, ...) and attends to the cached ones too."""
 
     def __init__(self, config, batch_size, device, dtype):
         hs = config.n_embd // config.n_head
@@ -163,10 +138,10 @@ class KVCache:
     def update(self, layer, k, v):
         """Store one layer's k, v (B, nh, T, hs) of the new positions -> its keys and values of every position
         so far, (B, nh, length + T, hs) each."""
-        keys, values = self.kv[layer, 0], self.kv[layer, 1]  # (B, nh, block_size, hs) each
-        keys.narrow(2, self.length, k.size(2)).copy_(k)  # narrow + copy_: cheaper than slice assignment per token
-        values.narrow(2, self.length, v.size(2)).copy_(v)
-        return keys.narrow(2, 0, self.length + k.size(2)), values.narrow(2, 0, self.length + v.size(2))
+        end = self.length + k.size(2)
+        self.kv[layer, 0, :, :, self.length:end] = k
+        self.kv[layer, 1, :, :, self.length:end] = v
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -175,18 +150,15 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer=0):
         super().__init__()
         self.layer = layer  # its index among the blocks: where its keys and values go in a KVCache
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
-        self.use_flash_attn = config.use_flash_attn
+        self.n_head, self.n_embd = config.n_head, config.n_embd
+        self.dropout, self.use_flash_attn = config.dropout, config.use_flash_attn
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         head_size = config.n_embd // config.n_head
-        self.rotary = None if config.abs_emb else RotaryEmbedding(head_size, config.block_size, config.rope_base)
-        # mask[i, j] is True where query i may attend to key j (j <= i)
-        mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()
+        self.rotary = None if config.abs_emb else RotaryEmbedding(head_size, config.rope_base)
+        mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()  # query i sees key j <= i
         self.register_buffer("mask", mask, persistent=False)
 
     def qkv(self, x):
@@ -230,7 +202,6 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, offset + T, hs): every position so far
-            q = q.to(k.dtype)  # the cache may hold fp32 for a bf16 model (see GPT.stream)
         if self.use_flash_attn and offset == 0:  # (is_causal aligns the mask to the first key: no cache)
             # BEGIN SOLUTION attn_flash
             # TODO: the same attention in one fused kernel: F.scaled_dot_product_attention(q, k, v) with
@@ -244,7 +215,6 @@ class CausalSelfAttention(nn.Module):
             # TODO: apply self.attn_dropout to att, then take the weighted sum of values: att @ v -> (B, nh, T, hs)
             y = self.attn_dropout(att) @ v
             # END SOLUTION
-        y = y.to(x.dtype)  # back from the cache's dtype; a no-op without one
         # BEGIN SOLUTION attn_out
         # TODO: put the heads side by side again: transpose y to (B, T, nh, hs), make it contiguous and
         # TODO: view it as (B, T, C); then project with self.c_proj and apply self.resid_dropout. -> (B, T, C)
@@ -308,28 +278,24 @@ class GPT(nn.Module):
         # weight tying: the input embedding and the output projection share one matrix (GPT-2)
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # scaled init of the residual projections per GPT-2 paper: keeps the residual stream's
-        # variance from growing with depth
+        # GPT-2's scaled init of the residual projections: the residual stream's variance stays put with depth
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
+    def _init_weights(self, module):  # GPT-2's: weights from N(0, 0.02), zero biases
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
 
     def num_params(self):
         """Number of parameters (the tied wte/lm_head matrix counted once)."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, cache=None):
-        """idx: (B, T) token ids; targets: (B, T) or None (-1 = ignore); cache: a KVCache holding the positions
-        before idx's (generation), or None. Returns logits (B, T, vocab_size) and the mean cross-entropy loss
-        (None without targets)."""
+        """idx: (B, T) token ids; targets: (B, T) or None (-1 = ignore); cache: a KVCache of the positions before
+        idx's, or None -> logits (B, T, vocab_size) and the mean cross-entropy loss (None without targets)."""
         B, T = idx.size()
         offset = 0 if cache is None else cache.length  # position of idx's first token
         if offset + T > self.config.block_size:
@@ -364,32 +330,27 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
-        """OpenAI's GPT-2: a name in pretrained.GPT2_NAMES or a folder in Hugging Face layout (pretrained.py
-        maps its weights onto this model's modules, which carry GPT-2's names)."""
+        """OpenAI's GPT-2: a name in pretrained.GPT2_NAMES or a folder in Hugging Face layout."""
         from pretrained import load_gpt2  # imported here: pretrained.py builds on this module
         return load_gpt2(cls, name_or_dir, dropout)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                  kv_cache=True):
-        """Append max_new_tokens sampled tokens to idx (B, T) -> (B, T + max_new_tokens).
-        temperature 0 is greedy decoding; top_k / top_p restrict sampling to the most likely tokens;
-        a seeded torch.Generator makes the samples reproducible. See stream() for the KV cache."""
+        """idx (B, T) and max_new_tokens sampled tokens -> (B, T + max_new_tokens); temperature 0 is greedy, top_k
+        and top_p keep the most likely tokens, a seeded generator makes it reproducible (see stream)."""
         tokens = self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, kv_cache)
         return torch.cat([idx, *tokens], dim=1)
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                kv_cache=True):
-        """Yield the sampled tokens (B, 1) one step at a time. The model sees at most the last block_size
-        tokens. With kv_cache, the prompt is processed once (prefill) and then only the newest token per
-        step. Once the sequence outgrows block_size, every step recomputes the window like the uncached
-        loop: cached keys of deeper layers depend on tokens that have left the window, so sliding the
-        cache would change the result."""
+        """Yield the sampled tokens (B, 1) one step at a time, the model seeing the last block_size tokens at
+        most. With kv_cache, the prompt is processed once, then only the newest token. A sequence longer than
+        block_size recomputes its window at each step: cached keys of deeper layers depend on tokens that
+        have left the window, so sliding the cache would change the result."""
         block_size, weight = self.config.block_size, self.lm_head.weight
-        # on CPU, attention over the cache runs faster in fp32 than in bf16/fp16 (and is more exact)
-        dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
-        cache = KVCache(self.config, idx.size(0), weight.device, dtype) if kv_cache else None
+        cache = KVCache(self.config, idx.size(0), weight.device, weight.dtype) if kv_cache else None
         new = idx[:, -block_size:]  # what the next forward has to process
         for _ in range(max_new_tokens):
             if cache is not None and cache.length + new.size(1) > block_size:  # window full: start again

@@ -35,7 +35,7 @@ def make_reference():
     torch.manual_seed(1234)
     model = gpt.GPT(gpt.GPTConfig(**CONFIG)).eval()
     for module in model.modules():  # non-trivial norm parameters, so that using them wrongly shows
-        if isinstance(module, gpt.LayerNorm):
+        if isinstance(module, (gpt.LayerNorm, torch.nn.LayerNorm)):
             module.weight.normal_(1.0, 0.2)
             module.bias.normal_(0.0, 0.2)
     abs_model = gpt.GPT(gpt.GPTConfig(**{**CONFIG, "abs_emb": True})).eval()
