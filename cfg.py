@@ -67,6 +67,8 @@ class TrainConfig:
     norm: str = arg("layernorm", "normalisation layer", "model", choices=["layernorm", "rmsnorm"])
     fused_norm: bool = arg(True, "PyTorch's fused norm kernel (--no-fused_norm: the hand-written one, slower)",
                            "model")
+    rope_base: float = arg(GPTConfig.rope_base, "rotary embedding base: the slowest-turning channel pair "
+                           "turns once in about 2 pi x base positions", "model")
     pretrained: Optional[str] = arg(None, "fine-tune OpenAI's GPT-2 instead of training from scratch: gpt2, "
                                     "gpt2-medium, gpt2-large, gpt2-xl or a local folder in Hugging Face layout; the "
                                     "text is encoded with its BPE and the shape options above are ignored", "model")
@@ -118,11 +120,9 @@ class TrainConfig:
     num_workers: int = arg(0, "DataLoader worker processes (0: load in the main process)", "system")
 
     def model_config(self, vocab_size):
-        """The GPTConfig this training configuration asks for."""
-        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-                         abs_emb=self.abs_emb, use_flash_attn=self.use_flash_attn, norm=self.norm,
-                         fused_norm=self.fused_norm)
+        """The GPTConfig this training configuration asks for: every field of GPTConfig is an option here."""
+        return GPTConfig(vocab_size=vocab_size, **{f.name: getattr(self, f.name) for f in fields(GPTConfig)
+                                                   if f.name != "vocab_size"})
 
     def to_dict(self):
         return asdict(self)
@@ -208,8 +208,8 @@ def validate(cfg):
           f"--epochs {cfg.epochs} and --max_steps {cfg.max_steps} both set the length of the run; pass one of them")
     for name in ("warmup_steps", "sample_length", "num_workers", "seed"):
         check(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    check_finite(cfg, ("val_fraction", "dropout", "learning_rate", "min_lr", "weight_decay", "beta1", "beta2",
-                       "grad_clip", "sample_temperature"))
+    check_finite(cfg, ("rope_base", "val_fraction", "dropout", "learning_rate", "min_lr", "weight_decay", "beta1",
+                       "beta2", "grad_clip", "sample_temperature"))
     check(0 < cfg.val_fraction < 1, f"--val_fraction must be between 0 and 1 (e.g. 0.1), got {cfg.val_fraction}")
     check(cfg.learning_rate > 0, f"--learning_rate must be positive, got {cfg.learning_rate}")
     check(0 <= cfg.min_lr <= cfg.learning_rate,

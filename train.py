@@ -37,7 +37,8 @@ import signal
 import sys
 import time
 from contextlib import nullcontext, suppress
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cfg import (CPU_QUICK_RUN, DEFAULT_MAX_STEPS, EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE,
-                 cpu_has_bf16, cpu_has_fp16, parse_config)
+                 TrainConfig, cpu_has_bf16, cpu_has_fp16, parse_config)
 from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomic_write, check_writable, default_corpus,
                      read_text, remove_stale_temporaries, tokenizer_from_dict, train_val_split)
 from gpt import GPT, GPTConfig
@@ -176,6 +177,36 @@ def text_description(txt_file, default):
     return f"{txt_file} (the default corpus's offline fallback: Shakespeare's complete works, not tiny shakespeare)"
 
 
+@dataclass
+class Setup:
+    """What setup() found, before anything is written: the options, the data and the model to train."""
+    cfg: TrainConfig
+    ckpt: Optional[dict]  # last.pt, when the run resumes
+    tokenizer: object  # CharTokenizer or GPT2Tokenizer
+    train_ds: TextDataset
+    val_ds: TextDataset
+    prompt: list  # token ids of the samples' prompt
+    model_config: GPTConfig
+    pretrained: Optional[GPT]  # GPT-2 with its weights, when fine-tuning starts
+    steps_per_epoch: int
+    text: str  # how the log names the text
+
+
+def choose_model(cfg, ckpt, text):
+    """(tokenizer, model config, GPT-2 with its weights or None): the checkpoint's when resuming, GPT-2's when
+    fine-tuning starts, else a character model of the options' shape."""
+    if ckpt:
+        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+        return tokenizer, (GPTConfig.from_dict(ckpt["model_config"]) if cfg.pretrained
+                           else cfg.model_config(tokenizer.vocab_size)), None
+    if cfg.pretrained:
+        folder = pretrained_folder(cfg.pretrained)
+        pretrained = GPT.from_pretrained(folder, dropout=cfg.dropout)
+        return GPT2Tokenizer(folder), pretrained.config, pretrained
+    tokenizer = CharTokenizer(text)
+    return tokenizer, cfg.model_config(tokenizer.vocab_size), None
+
+
 def setup(argv):
     """Everything that can be wrong with the options or the data is found here, before anything is written."""
     cfg = parse_config(argv)
@@ -194,17 +225,7 @@ def setup(argv):
         raise ValueError(f"{cfg.out_dir} holds a run with --pretrained {ckpt['config'].get('pretrained')}, not "
                          f"{cfg.pretrained}; pass the same, another --out_dir, or --no-resume")
     text = read_text(txt_file)
-    pretrained = None  # GPT-2 with its weights, when fine-tuning starts
-    if ckpt:
-        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
-        model_config = GPTConfig.from_dict(ckpt["model_config"]) if cfg.pretrained else cfg.model_config(tokenizer.vocab_size)
-    elif cfg.pretrained:
-        folder = pretrained_folder(cfg.pretrained)
-        pretrained, tokenizer = GPT.from_pretrained(folder, dropout=cfg.dropout), GPT2Tokenizer(folder)
-        model_config = pretrained.config
-    else:
-        tokenizer = CharTokenizer(text)
-        model_config = cfg.model_config(tokenizer.vocab_size)
+    tokenizer, model_config, pretrained = choose_model(cfg, ckpt, text)
     if cfg.block_size > model_config.block_size:
         raise ValueError(f"--block_size {cfg.block_size} is more than {cfg.pretrained} can attend to "
                          f"({model_config.block_size} positions); pass --block_size {model_config.block_size} or less")
@@ -238,8 +259,8 @@ def setup(argv):
         raise DataError(f"the training split has {len(splits['training'])} windows, fewer than one global batch "
                         f"of {global_batch}; use a longer text or a smaller --batch_size")
     cfg.max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps or DEFAULT_MAX_STEPS
-    return cfg, ckpt, tokenizer, splits["training"], splits["validation"], prompt, model_config, pretrained, \
-        steps_per_epoch, text_name
+    return Setup(cfg, ckpt, tokenizer, splits["training"], splits["validation"], prompt, model_config, pretrained,
+                 steps_per_epoch, text_name)
 
 
 class Signals:
@@ -272,11 +293,12 @@ def check_run_folder(out_dir, checkpoint_bytes):
 def main(argv=None):
     signals = Signals()
     try:
-        cfg, *rest = setup(argv)
+        s = setup(argv)
     except ValueError as e:  # DataError is a ValueError too
         fail(e)
+    cfg = s.cfg
     try:
-        return train(cfg, *rest, signals)
+        return train(s, signals)
     except OSError as e:  # a write failed: files written before are intact (every write is atomic)
         message = write_error(e, cfg.out_dir)
         if int(os.environ.get("RANK", 0)) == 0:
@@ -317,271 +339,333 @@ def start_processes(device):
 
 
 def data_parallel(model, device_type):
-    """The model under DDP. Its buffers (causal mask, rotary tables) never change: no broadcast of them before
-    every step (under the option's newer name where torch has it: the older one warns there)."""
+    """The model under DDP. Its buffers (the causal mask) never change: no broadcast of them before every step
+    (under the option's newer name where torch has it: the older one warns there)."""
     sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     return DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None, **{sync: False})
 
 
-def train(cfg, ckpt, tokenizer, train_ds, val_ds, prompt, model_config, pretrained, steps_per_epoch, text, signals):
-    # -------------------------------------------------------------------------------- processes and devices
-    rank, world_size, device, control = start_processes(cfg.device)
-    ddp = control is not None
-    master = rank == 0  # only process 0 writes the log, TensorBoard and checkpoints
-    device_type = device.split(":")[0]
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for the fp32 matmuls that remain
-        torch.backends.cudnn.allow_tf32 = True
-    autocast = nullcontext() if cfg.precision == "fp32" else torch.autocast(
-        device_type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-    B, T, A = cfg.batch_size, cfg.block_size, cfg.grad_accum
-    tokens_per_step = B * A * world_size * T
+class Run:
+    """This process's part of the training: its rank, device and precision, the agreement between processes,
+    and (process 0 only) the run folder's log and TensorBoard writer."""
 
-    def on_every_process(flag):
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank, self.world_size, self.device, self.control = start_processes(cfg.device)
+        self.ddp, self.master = self.control is not None, self.rank == 0  # process 0 writes every file
+        self.device_type = self.device.split(":")[0]
+        if self.device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for the fp32 matmuls that remain
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast = nullcontext() if cfg.precision == "fp32" else torch.autocast(
+            self.device_type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.world_size * cfg.block_size
+        self.log_file = self.writer = None
+
+    def on_every_process(self, flag):
         """Whether the flag is up in any process (a failure, a stop signal): all of them then act together."""
-        if not ddp:
+        if not self.ddp:
             return flag
         flags = torch.tensor([float(flag)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
         return flags.item() > 0
 
-    # -------------------------------------------------------------------------------- model and optimizer
+    def log(self, message, echo=True):
+        """To train.log, and to the terminal unless echo=False (process 0 only)."""
+        if not self.master:
+            return
+        if echo:
+            tqdm.write(message)
+        try:
+            self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            self.log_file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.log_file.name) from None
+
+    def save(self, name, state):
+        """Process 0 writes; if that fails, every process stops (exit EXIT_IO) and the earlier file stays."""
+        error = None
+        if self.master:
+            try:
+                atomic_write(os.path.join(self.cfg.out_dir, name), lambda f: torch.save(state, f))
+            except OSError as e:
+                error = e
+        if self.on_every_process(error is not None):
+            raise error or OSError(errno.EIO, "process 0 could not save", name)
+
+
+@dataclass
+class Progress:
+    """Where the training is: what a checkpoint records besides the weights and the optimizer."""
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # optimizer steps into the epoch
+    best_val_loss: float = float("inf")
+    saved_step: Optional[int] = None  # the step of the newest last.pt on disk
+
+
+def build(run, s):
+    """The model (on this process's device), AdamW and the fp16 loss scaler, restored from last.pt when the
+    run resumes, and the Progress to continue from."""
+    cfg, ckpt = run.cfg, s.ckpt
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed + rank)  # each process its own dropout; DDP copies process 0's initial weights
-    raw_model = (pretrained or GPT(model_config)).to(device)  # the plain module: what checkpoints and sampling use
-    optimizer = configure_optimizers(raw_model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
-    scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")  # fp16 needs loss scaling
-    step, epoch, epoch_step, best_val_loss = 0, 0, 0, float("inf")
-    if ckpt:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, best_val_loss = ckpt["step"], ckpt["epoch"], ckpt["best_val_loss"]
-        epoch_step = ckpt["epoch_index"] // (tokens_per_step // T)
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank], device)
-    saved_step = step if ckpt else None  # the step of the newest last.pt on disk
+    torch.manual_seed(cfg.seed + run.rank)  # each process its own dropout; DDP copies process 0's initial weights
+    model = (s.pretrained or GPT(s.model_config)).to(run.device)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), run.device_type)
+    scaler = torch.amp.GradScaler(run.device_type, enabled=cfg.precision == "fp16")  # fp16 needs loss scaling
+    if not ckpt:
+        return model, optimizer, scaler, Progress()
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == run.world_size:
+        set_rng_state(ckpt["rng"][run.rank], run.device)
+    epoch_step = ckpt["epoch_index"] // (run.tokens_per_step // cfg.block_size)
+    return model, optimizer, scaler, Progress(ckpt["step"], ckpt["epoch"], epoch_step, ckpt["best_val_loss"],
+                                              ckpt["step"])
 
-    # -------------------------------------------------------------------------------- run folder and log
-    writer = log_file = None
-    error = None
-    if master:
+
+def open_run_folder(run, s, model):
+    """Process 0 checks that the run folder takes the checkpoints (all processes stop together if not), then
+    writes config.json and tokenizer.json and opens train.log and TensorBoard's events."""
+    cfg, error = run.cfg, None
+    if run.master:
         # weights, buffers and AdamW's two moments, all in fp32 (estimated: nothing is written yet)
-        state_bytes = sum(t.numel() * t.element_size() for t in raw_model.state_dict().values())
+        state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         try:
-            check_run_folder(cfg.out_dir, state_bytes + 8 * raw_model.num_params() + 2 ** 20)
+            check_run_folder(cfg.out_dir, state_bytes + 8 * model.num_params() + 2 ** 20)
         except OSError as e:
             error = e
-    if on_every_process(error is not None):
+    if run.on_every_process(error is not None):
         raise error or OSError(errno.EIO, "process 0 cannot write the run folder", cfg.out_dir)
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        stale = remove_stale_temporaries(cfg.out_dir)
-        atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2) + "\n")
-        tokenizer.save(os.path.join(cfg.out_dir, "tokenizer.json"))
-        log_file = open(os.path.join(cfg.out_dir, "train.log"), "a", encoding="utf-8")
-        from torch.utils.tensorboard import SummaryWriter  # slow import: only where it is used
-        # purge_step drops the events an interrupted run logged after its last checkpoint
-        writer = SummaryWriter(cfg.out_dir, purge_step=ckpt["step"] if ckpt else None)
+    if not run.master:
+        return
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    stale = remove_stale_temporaries(cfg.out_dir)
+    atomic_write(os.path.join(cfg.out_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2) + "\n")
+    s.tokenizer.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+    run.log_file = open(os.path.join(cfg.out_dir, "train.log"), "a", encoding="utf-8")
+    from torch.utils.tensorboard import SummaryWriter  # slow import: only where it is used
+    # purge_step drops the events an interrupted run logged after its last checkpoint
+    run.writer = SummaryWriter(cfg.out_dir, purge_step=s.ckpt["step"] if s.ckpt else None)
+    run.log(f"text {s.text}: {len(s.train_ds.data) + len(s.val_ds.data):,} tokens, vocabulary {s.tokenizer.vocab_size}")
+    if stale:
+        run.log(f"removed {len(stale)} temporary file(s) of an interrupted save: {', '.join(stale)}")
 
-    def log(message, echo=True):  # to train.log, and to the terminal unless echo=False
-        if master:
-            if echo:
-                tqdm.write(message)
-            try:
-                log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-                log_file.flush()
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, log_file.name) from None
 
-    log(f"text {text}: {len(train_ds.data) + len(val_ds.data):,} tokens, vocabulary {tokenizer.vocab_size}")
-    if master and stale:
-        log(f"removed {len(stale)} temporary file(s) of an interrupted save: {', '.join(stale)}")
+def describe(run, s, model, progress):
+    """The log's account of the run: what it resumes, what changed, the model, the devices and the length."""
+    cfg, ckpt, mc = run.cfg, s.ckpt, s.model_config
     if ckpt:
-        log(f"resuming {cfg.out_dir}/last.pt at step {step} (epoch {epoch}); best val loss so far {best_val_loss:.4f}"
-            + ("" if len(ckpt["rng"]) == world_size else "; the number of processes changed: RNG streams reseeded"))
+        run.log(f"resuming {cfg.out_dir}/last.pt at step {progress.step} (epoch {progress.epoch}); best val loss so "
+                f"far {progress.best_val_loss:.4f}" + ("" if len(ckpt["rng"]) == run.world_size
+                                                       else "; the number of processes changed: RNG streams reseeded"))
         changed = {k: (v, cfg.to_dict()[k]) for k, v in ckpt["config"].items() if cfg.to_dict().get(k) != v and k != "resume"}
         if changed:
-            log("options changed since the checkpoint: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-    model = torch.compile(raw_model) if cfg.compile else raw_model  # shares raw_model's parameters
-    eval_model = model
-    if ddp:
-        model = data_parallel(model, device_type)
-
-    n_params = raw_model.num_params()
-    flops_per_token = 6 * n_params + 12 * model_config.n_layer * model_config.n_embd * T  # PaLM appendix B
-    peak = peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
-    text_passes = cfg.max_steps * tokens_per_step / len(train_ds.data)
-    log(f"model {n_params / 1e6:.2f}M parameters ({model_config.n_layer} layers, {model_config.n_head} heads, "
-        f"{model_config.n_embd} wide, {'absolute' if model_config.abs_emb else 'rotary'} positions) | {device} "
-        f"{cfg.precision} x {world_size} | global batch {tokens_per_step // T} x {T} tokens | {cfg.max_steps} steps "
-        f"= {cfg.max_steps / steps_per_epoch:.2f} epochs (passes over every window) = {text_passes:.1f} passes over "
-        f"the text | {cfg.out_dir}")
-    # the GPU configuration on a CPU: once the speed is known (the first steps are slower), say how long it takes
-    hint_at = step + 2 * cfg.log_interval if master and device_type == "cpu" and n_params > 5e6 and not cfg.pretrained \
-        else None
-    if master and device_type == "cpu" and cfg.precision == "fp16" and not cpu_has_fp16():
+            run.log("options changed since the checkpoint: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    text_passes = cfg.max_steps * run.tokens_per_step / len(s.train_ds.data)
+    run.log(f"model {model.num_params() / 1e6:.2f}M parameters ({mc.n_layer} layers, {mc.n_head} heads, {mc.n_embd} "
+            f"wide, {'absolute' if mc.abs_emb else 'rotary'} positions) | {run.device} {cfg.precision} x {run.world_size} "
+            f"| global batch {run.tokens_per_step // cfg.block_size} x {cfg.block_size} tokens | {cfg.max_steps} steps "
+            f"= {cfg.max_steps / s.steps_per_epoch:.2f} epochs (passes over every window) = {text_passes:.1f} passes "
+            f"over the text | {cfg.out_dir}")
+    if run.master and run.device_type == "cpu" and cfg.precision == "fp16" and not cpu_has_fp16():
         # fp16 stays allowed (it exercises the GradScaler path without a GPU), but nobody should wait for it
         print("hint: this CPU has no native fp16, so fp16 training runs many times slower than fp32; "
               "use --precision bf16 (on CPUs with native bf16) or fp32", file=sys.stderr)
 
-    # -------------------------------------------------------------------------------- evaluation and samples
-    # a fixed set of validation windows (the same at every evaluation: comparable numbers), split over processes
-    n_val = min(len(val_ds), cfg.eval_iters * tokens_per_step // T)  # eval_iters global batches
-    val_windows = torch.randperm(len(val_ds), generator=torch.Generator().manual_seed(cfg.seed))[:n_val]
-    val_batches = val_windows[rank::world_size].split(B)
-    n_val_here = float(len(val_windows[rank::world_size]))  # this process's share
+
+class Evaluator:
+    """The validation loss on a fixed set of windows (the same at every evaluation: comparable numbers), split
+    over the processes, and the text samples."""
+
+    def __init__(self, run, s):
+        self.run, self.ds, self.prompt, self.tokenizer = run, s.val_ds, s.prompt, s.tokenizer
+        cfg = run.cfg
+        n_val = min(len(self.ds), cfg.eval_iters * run.tokens_per_step // cfg.block_size)  # eval_iters global batches
+        windows = torch.randperm(len(self.ds), generator=torch.Generator().manual_seed(cfg.seed))[:n_val]
+        self.batches = windows[run.rank::run.world_size].split(cfg.batch_size)
+        self.n_here = float(len(windows[run.rank::run.world_size]))  # this process's share
 
     @torch.no_grad()
-    def evaluate():
+    def loss(self, model):
         """Mean validation loss over the fixed windows, across all processes."""
-        eval_model.eval()
-        loss_sum = torch.zeros((), device=device)  # read back once, at the end
-        for idx in val_batches:
-            x, y = (torch.stack(t).to(device) for t in zip(*(val_ds[i] for i in idx.tolist())))  # (b, T) each
-            with autocast:
-                _, loss = eval_model(x, y)
+        run = self.run
+        model.eval()
+        loss_sum = torch.zeros((), device=run.device)  # read back once, at the end
+        for idx in self.batches:
+            x, y = (torch.stack(t).to(run.device) for t in zip(*(self.ds[i] for i in idx.tolist())))  # (b, T) each
+            with run.autocast:
+                _, loss = model(x, y)
             loss_sum += loss.float() * len(idx)
-        total = torch.stack([loss_sum, torch.tensor(n_val_here, device=device)])
-        if ddp:
+        total = torch.stack([loss_sum, torch.tensor(self.n_here, device=run.device)])
+        if run.ddp:
             dist.all_reduce(total)  # (sum of losses, number of windows) over all processes
-        eval_model.train()
+        model.train()
         return (total[0] / total[1]).item()
 
     @torch.no_grad()
-    def sample():
-        raw_model.eval()
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)  # its own RNG: training's streams untouched
-        idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, len(prompt))
-        with autocast:
-            out = raw_model.generate(idx, cfg.sample_length, temperature=cfg.sample_temperature, generator=generator)
-        raw_model.train()
-        return tokenizer.decode(out[0].tolist())
+    def sample(self, model):
+        run, cfg = self.run, self.run.cfg
+        model.eval()
+        generator = torch.Generator(device=run.device).manual_seed(cfg.seed)  # its own RNG: training's stay untouched
+        idx = torch.tensor([self.prompt], dtype=torch.long, device=run.device)  # (1, len(prompt))
+        with run.autocast:
+            out = model.generate(idx, cfg.sample_length, temperature=cfg.sample_temperature, generator=generator)
+        model.train()
+        return self.tokenizer.decode(out[0].tolist())
 
-    # -------------------------------------------------------------------------------- checkpoints
-    def checkpoint():
-        """The whole training state; every process takes part (RNG states are gathered), process 0 writes."""
-        rng = [None] * world_size
-        if ddp:
-            dist.all_gather_object(rng, rng_state(device), group=control)
-        else:
-            rng = [rng_state(device)]
-        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": step, "epoch": epoch,
-                "epoch_index": epoch_step * tokens_per_step // T, "best_val_loss": best_val_loss,
-                "config": cfg.to_dict(), "model_config": asdict(model_config), "tokenizer": tokenizer.to_dict(),
-                "rng": rng}
 
-    def save(name, state):
-        """Process 0 writes; if that fails, every process stops (exit EXIT_IO) and the earlier file stays."""
-        error = None
-        if master:
-            try:
-                atomic_write(os.path.join(cfg.out_dir, name), lambda f: torch.save(state, f))
-            except OSError as e:
-                error = e
-        if on_every_process(error is not None):
-            raise error or OSError(errno.EIO, "process 0 could not save", name)
+def checkpoint(run, s, model, optimizer, scaler, progress):
+    """The whole training state; every process takes part (RNG states are gathered), process 0 writes it."""
+    rng = [None] * run.world_size
+    if run.ddp:
+        dist.all_gather_object(rng, rng_state(run.device), group=run.control)
+    else:
+        rng = [rng_state(run.device)]
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None, "step": progress.step,
+            "epoch": progress.epoch, "epoch_index": progress.epoch_step * run.tokens_per_step // run.cfg.block_size,
+            "best_val_loss": progress.best_val_loss, "config": run.cfg.to_dict(), "model_config": asdict(s.model_config),
+            "tokenizer": s.tokenizer.to_dict(), "rng": rng}
 
-    # -------------------------------------------------------------------------------- the training loop
-    batches = micro_batches(train_ds, cfg, epoch, epoch_step, rank, world_size, pin_memory=device_type == "cuda")
+
+def train_step(run, model, raw_model, optimizer, scaler, batches, progress, lr):
+    """One optimizer step over grad_accum micro-batches -> the step's mean loss, on the device (not read back)."""
+    A = run.cfg.grad_accum
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=run.device)
+    for micro_step in range(A):
+        progress.epoch, progress.epoch_step, x, y = next(batches)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)  # (B, T) each
+        # DDP: all-reduce the gradients only once per step, on the last micro-batch
+        with model.no_sync() if run.ddp and micro_step < A - 1 else nullcontext():
+            with run.autocast:
+                _, loss = model(x, y)
+            scaler.scale(loss / A).backward()  # / A: the step's loss is the mean over its micro-batches
+        step_loss += loss.detach().float() / A
+    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), run.cfg.grad_clip or float("inf"))
+    scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    progress.step, progress.epoch_step = progress.step + 1, progress.epoch_step + 1
+    return step_loss, grad_norm
+
+
+class Meter:
+    """Training loss, gradient norm, tokens/s and MFU, read back from the device only when reported (every
+    log_interval steps: reading waits for the GPU), logged and sent to TensorBoard."""
+
+    def __init__(self, run, s, model, step):
+        self.run, self.loss_sum, self.step_log, self.t_log = run, torch.zeros((), device=run.device), step, time.time()
+        mc, cfg = s.model_config, run.cfg
+        self.flops_per_token = 6 * model.num_params() + 12 * mc.n_layer * mc.n_embd * cfg.block_size  # PaLM app. B
+        self.peak = peak_flops(torch.cuda.get_device_name(run.device)) if run.device_type == "cuda" else None
+        # the GPU configuration on a CPU: once the speed is known (the first steps are slower), say how long it takes
+        cpu_big = run.master and run.device_type == "cpu" and model.num_params() > 5e6 and not cfg.pretrained
+        self.hint_at = step + 2 * cfg.log_interval if cpu_big else None
+
+    def report(self, step, lr, grad_norm, bar):
+        """Mean loss since the last report (all processes), logged -> the training loss; a NaN stops the run."""
+        run, cfg = self.run, self.run.cfg
+        stats = torch.stack([self.loss_sum / (step - self.step_log), grad_norm.float().to(run.device)])
+        if run.ddp:
+            dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+        train_loss, norm = stats.tolist()
+        if not math.isfinite(train_loss):  # the weights are spoilt: keep the last good checkpoint as it is
+            bar.close()
+            return train_loss
+        dt, self.t_log = time.time() - self.t_log, time.time()
+        tokens_per_sec = (step - self.step_log) * run.tokens_per_step / dt
+        mfu = self.flops_per_token * tokens_per_sec / (self.peak * run.world_size) if self.peak else None
+        bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+        if self.hint_at is not None and step >= self.hint_at:
+            self.hint_at, hours = None, (cfg.max_steps - step) * run.tokens_per_step / tokens_per_sec / 3600
+            quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
+            tqdm.write(f"hint: this is the GPU configuration; at {tokens_per_sec:,.0f} tokens/s it needs about "
+                       f"{hours:.1f} more hours on this CPU. A quick CPU run: python train.py {quick}", file=sys.stderr)
+        if run.master:
+            for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", norm),
+                                ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):
+                if value is not None:
+                    run.writer.add_scalar(name, value, step)
+        run.log(f"step {step} loss {train_loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} tok/s {tokens_per_sec:.0f}"
+                + (f" mfu {mfu:.1%}" if mfu else ""), echo=False)
+        self.loss_sum.zero_()
+        self.step_log = step
+        return train_loss
+
+
+def train(s, signals):
+    """The training: a story in named steps. Returns the exit code (0 done, EXIT_INTERRUPTED stopped)."""
+    cfg = s.cfg
+    run = Run(cfg)                                               # processes, devices, precision
+    raw_model, optimizer, scaler, progress = build(run, s)      # the plain module: checkpoints and samples use it
+    open_run_folder(run, s, raw_model)                          # config.json, tokenizer.json, train.log, TensorBoard
+    describe(run, s, raw_model, progress)
+    eval_model = torch.compile(raw_model) if cfg.compile else raw_model  # shares raw_model's parameters
+    model = data_parallel(eval_model, run.device_type) if run.ddp else eval_model  # what trains
+    evaluator, meter = Evaluator(run, s), Meter(run, s, raw_model, progress.step)
+    batches = micro_batches(s.train_ds, cfg, progress.epoch, progress.epoch_step, run.rank, run.world_size,
+                            pin_memory=run.device_type == "cuda")
     sample_interval = cfg.sample_interval or cfg.eval_interval
-    loss_sum, grad_norm = torch.zeros((), device=device), torch.zeros(())
-    t_log, step_log = time.time(), step
+    stop = False
     # closed on the way out, also by an exception: an error message then starts on a line of its own
-    with tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True, unit="step") as bar:
+    with tqdm(total=cfg.max_steps, initial=progress.step, disable=not run.master, dynamic_ncols=True, unit="step") as bar:
         signals.training = True
-        stop = False
-        if step >= cfg.max_steps:
-            log(f"the run is complete ({step} steps): nothing to do; raise --max_steps to train on")
-        while step < cfg.max_steps:
-            lr = lr_at(step, cfg, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro_step in range(A):
-                epoch, epoch_step, x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T) each
-                # DDP: all-reduce the gradients only once per step, on the last micro-batch
-                with model.no_sync() if ddp and micro_step < A - 1 else nullcontext():
-                    with autocast:
-                        _, loss = model(x, y)
-                    scaler.scale(loss / A).backward()  # / A: the step's loss is the mean over its micro-batches
-                loss_sum += loss.detach().float() / A
-            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step, epoch_step = step + 1, epoch_step + 1
+        if progress.step >= cfg.max_steps:
+            run.log(f"the run is complete ({progress.step} steps): nothing to do; raise --max_steps to train on")
+        while progress.step < cfg.max_steps:
+            lr = lr_at(progress.step, cfg, cfg.max_steps)
+            step_loss, grad_norm = train_step(run, model, raw_model, optimizer, scaler, batches, progress, lr)
+            meter.loss_sum += step_loss
+            step = progress.step
             bar.update()
-
             # processes stop at the same step, the first after a signal
-            stop, last = on_every_process(bool(signals.received)), step == cfg.max_steps
-            # read the loss back only every log_interval steps (it waits for the GPU), and before anything is written
+            stop, last = run.on_every_process(bool(signals.received)), step == cfg.max_steps
+            # the loss is read back at log intervals, and before anything is written
             if last or stop or any(step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)):
-                stats = torch.stack([loss_sum / (step - step_log), grad_norm.float().to(device)])
-                if ddp:
-                    dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-                train_loss, norm = stats.tolist()
-                if not math.isfinite(train_loss):  # the weights are spoilt: keep the last good checkpoint as it is
-                    bar.close()
-                    kept = f"last.pt of step {saved_step} is kept" if saved_step is not None else "no checkpoint was written"
-                    message = (f"the training loss became {train_loss} by step {step}; stopped without saving ({kept}). "
-                               f"Lower --learning_rate, keep --grad_clip on, or use --precision bf16/fp32")
-                    log("error: " + message, echo=False)
+                train_loss = meter.report(step, lr, grad_norm, bar)
+                if not math.isfinite(train_loss):
+                    kept = (f"last.pt of step {progress.saved_step} is kept" if progress.saved_step is not None
+                            else "no checkpoint was written")
+                    message = (f"the training loss became {train_loss} by step {step}; stopped without saving "
+                               f"({kept}). Lower --learning_rate, keep --grad_clip on, or use --precision bf16/fp32")
+                    run.log("error: " + message, echo=False)
                     fail(message, code=EXIT_FAILED)
-                dt, t_log = time.time() - t_log, time.time()
-                tokens_per_sec = (step - step_log) * tokens_per_step / dt
-                mfu = flops_per_token * tokens_per_sec / (peak * world_size) if peak else None
-                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
-                if hint_at is not None and step >= hint_at:
-                    hint_at, hours = None, (cfg.max_steps - step) * tokens_per_step / tokens_per_sec / 3600
-                    quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
-                    tqdm.write(f"hint: this is the GPU configuration; at {tokens_per_sec:,.0f} tokens/s it needs about "
-                               f"{hours:.1f} more hours on this CPU. A quick CPU run: python train.py {quick}", file=sys.stderr)
-                if master:
-                    for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", norm),
-                                        ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):
-                        if value is not None:
-                            writer.add_scalar(name, value, step)
-                log(f"step {step} loss {train_loss:.4f} lr {lr:.3e} grad_norm {norm:.3f} tok/s {tokens_per_sec:.0f}"
-                    + (f" mfu {mfu:.1%}" if mfu else ""), echo=False)
-                loss_sum.zero_()
-                step_log = step
-
             if step % cfg.eval_interval == 0 or last:
-                val_loss = evaluate()
-                improved = val_loss < best_val_loss
-                best_val_loss = min(best_val_loss, val_loss)
-                log(f"step {step}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | val bpc "
-                    f"{val_loss / math.log(2):.4f}" + (" | best so far" if improved else ""))
-                if master:
-                    writer.add_scalar("val/loss", val_loss, step)
-                    writer.add_scalar("val/bpc", val_loss / math.log(2), step)  # bits per character
+                val_loss = evaluator.loss(eval_model)
+                improved, progress.best_val_loss = val_loss < progress.best_val_loss, min(progress.best_val_loss, val_loss)
+                run.log(f"step {step}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | val bpc "
+                        f"{val_loss / math.log(2):.4f}" + (" | best so far" if improved else ""))
+                if run.master:
+                    run.writer.add_scalar("val/loss", val_loss, step)
+                    run.writer.add_scalar("val/bpc", val_loss / math.log(2), step)  # bits per character
                 if improved:
-                    save("best.pt", checkpoint())
-            if master and cfg.sample_length and (step % sample_interval == 0 or last):
-                text = sample()
-                log(f"sample at step {step}:\n{text}")
-                writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code block
+                    run.save("best.pt", checkpoint(run, s, raw_model, optimizer, scaler, progress))
+            if run.master and cfg.sample_length and (step % sample_interval == 0 or last):
+                text = evaluator.sample(raw_model)
+                run.log(f"sample at step {step}:\n{text}")
+                run.writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code block
             if step % cfg.checkpoint_interval == 0 or last or stop:
-                save("last.pt", checkpoint())
-                saved_step = step
+                run.save("last.pt", checkpoint(run, s, raw_model, optimizer, scaler, progress))
+                progress.saved_step = step
             if any(step % n == 0 for n in (cfg.eval_interval, sample_interval, cfg.checkpoint_interval)):
-                t_log = time.time()  # tokens/s counts training steps only
+                meter.t_log = time.time()  # tokens/s counts training steps only
             if stop:
                 bar.close()
-                names = "/".join(signal.Signals(s).name for s in sorted(set(signals.received))) or "another process"
-                log(f"stopped by {names} at step {step}; last.pt written. Run the same command again to resume.")
+                names = "/".join(signal.Signals(n).name for n in sorted(set(signals.received))) or "another process"
+                run.log(f"stopped by {names} at step {step}; last.pt written. Run the same command again to resume.")
                 break
-
-    if master:
-        writer.close()
+    if run.master:
+        run.writer.close()
         if not stop:
-            log(f"done: best val loss {best_val_loss:.4f} ({best_val_loss / math.log(2):.4f} bpc)")
-    if ddp:
+            run.log(f"done: best val loss {progress.best_val_loss:.4f} ({progress.best_val_loss / math.log(2):.4f} bpc)")
+    if run.ddp:
         dist.destroy_process_group()
     return EXIT_INTERRUPTED if stop else 0
 

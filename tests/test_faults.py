@@ -317,11 +317,11 @@ def test_default_corpus_and_its_run_folder_follow_one_rule(tmp_path, monkeypatch
     monkeypatch.setattr(dataset, "DATA_DIR", str(tmp_path))
     (tmp_path / "shakespeare_gutenberg.txt").write_text("Shakespeare's works, the fallback\n" * 50)
     small = ["--model_type", "gpt-nano", "--block_size", "16", "--batch_size", "4", "--device", "cpu"]
-    config, *_, text = train.setup(small)
-    assert config.out_dir == os.path.join("runs", "shakespeare_gutenberg-gpt-nano") and "offline fallback" in text
+    found = train.setup(small)
+    assert found.cfg.out_dir == os.path.join("runs", "shakespeare_gutenberg-gpt-nano") and "offline fallback" in found.text
     (tmp_path / "tinyshakespeare.txt").write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 50)
-    config, *_, text = train.setup(small)
-    assert config.out_dir == os.path.join("runs", "tinyshakespeare-gpt-nano") and "tiny shakespeare" in text
+    found = train.setup(small)
+    assert found.cfg.out_dir == os.path.join("runs", "tinyshakespeare-gpt-nano") and "tiny shakespeare" in found.text
 
 
 def test_files_are_created_with_the_umask_modes(base_run):

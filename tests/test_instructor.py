@@ -6,6 +6,7 @@ autograder bundle, `check` on this repository, and a zoo of broken submissions g
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -365,3 +366,12 @@ def test_readme_tells_students_the_share_of_hidden_points(built):
     total = sum(t["points"] for t in tests)
     readme = (built / "student" / "README.md").read_text()
     assert f"hidden tests, {hidden:g} of the {total:g} points ({round(100 * hidden / total)}%)" in readme
+
+
+def test_students_get_the_guides_they_can_use_and_no_pointer_to_what_they_lack(built):
+    student = built / "student"
+    readme = (student / "README.md").read_text()
+    assert readme.lstrip().startswith("# Micro-GPT") and readme.index("## The assignment") < readme.index("## Training")
+    assert not re.search(r"tests/|benchmarks/|instructor", readme), "the students' README points at unreleased files"
+    assert (student / "slurm" / "README.md").is_file() and (student / "data" / "README.md").is_file()
+    assert not (student / "instructor").exists()

@@ -3,6 +3,8 @@
 import os
 import re
 
+from cfg import CPU_QUICK_RUN
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,3 +27,19 @@ def test_ci_runs_the_full_test_command_verbatim():
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
         ci_lines = [line.strip() for line in f]
     assert full in ci_lines, f".ci/run must run the README's full test command `{full}`"
+
+
+def read(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def one_line(command):
+    return " ".join(command.replace("\\\n", " ").split())
+
+
+def test_the_documented_quick_cpu_runs_are_cfg_CPU_QUICK_RUN():
+    quick = re.search(r"\*\*A quick run on a CPU\*\*.*?```bash\n(.+?)\n```", read("README.md"), re.S)
+    assert quick and one_line(quick.group(1)) == "OMP_WAIT_POLICY=ACTIVE python train.py " + CPU_QUICK_RUN
+    job = re.search(r"slurm/train\.job (--model_type.+?) +# the README's quick CPU run", read("slurm/README.md"), re.S)
+    assert job and one_line(job.group(1)) == CPU_QUICK_RUN

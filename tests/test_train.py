@@ -314,3 +314,13 @@ def test_bad_option_from_the_command_line_has_no_traceback(tmp_path, bad):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_every_model_field_is_an_option_that_reaches_the_model():
+    # the model's shape is GPTConfig's: each of its fields (but the text's vocabulary size) is a train.py option
+    options = cfg.parse_config(["--n_layer", "2", "--n_head", "2", "--n_embd", "16", "--block_size", "8",
+                                "--dropout", "0.1", "--no-bias", "--abs_emb", "--no-use_flash_attn", "--norm",
+                                "rmsnorm", "--no-fused_norm", "--rope_base", "500", "--device", "cpu"])
+    assert options.model_config(11) == GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16,
+                                                 dropout=0.1, bias=False, abs_emb=True, use_flash_attn=False,
+                                                 norm="rmsnorm", fused_norm=False, rope_base=500.0)
