@@ -601,7 +601,8 @@ class Meter:
 
 
 def train(s, signals):
-    """The training: a story in named steps. Returns the exit code (0 done, EXIT_INTERRUPTED stopped)."""
+    """The training: a story in named steps. Returns the exit code (0 done, EXIT_INTERRUPTED stopped). Over 60
+    lines because the loop reads best in one piece: each step, then what happens at which interval."""
     cfg = s.cfg
     run = Run(cfg)                                               # processes, devices, precision
     raw_model, optimizer, scaler, progress = build(run, s)      # the plain module: checkpoints and samples use it

@@ -64,8 +64,7 @@ def graded_run(pristine, modules, select=None, trace=()):
 def import_error(student_dir):
     """None if the released modules import, else the error's last line."""
     names = [n[:-3] for n in release.STUDENT_MODULES if os.path.isfile(os.path.join(student_dir, n))]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", f"import {', '.join(names)}"], cwd=student_dir, env=env,
+    proc = subprocess.run([sys.executable, "-c", f"import {', '.join(names)}"], cwd=student_dir, env=grade.python_env(),
                           capture_output=True, text=True, timeout=300)
     return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
 
@@ -256,8 +255,7 @@ def run_mutants(tests_dir, jobs):
         spec, out = os.path.join(tmp, "jobs.json"), os.path.join(tmp, "results.jsonl")
         with open(spec, "w", encoding="utf-8") as f:
             json.dump(jobs, f)
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        env = grade.python_env(ROOT, OMP_NUM_THREADS="1")
         error = None
         try:
             proc = subprocess.run([sys.executable, "-m", "instructor.check", "--mutant-worker", spec, out],

@@ -158,11 +158,19 @@ def log_tail(log, start):
         return f.read().decode("utf-8", "replace").strip()
 
 
+def python_env(pythonpath=None, **extra):
+    """This environment for a Python child: no inherited PYTHONPATH (it would decide what imports), only the
+    given one, no bytecode written next to the sources, one OpenMP thread (tiny tensors: threads only add
+    overhead and noise) unless set."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONDONTWRITEBYTECODE="1", **({"PYTHONPATH": pythonpath} if pythonpath else {}), **extra)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 def run_runner(workdir, args, events, log, timeout, deadline, on_collected):
     """One runner on `args`, watched. -> (its events, the test it was stopped in or None, why)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=os.path.dirname(HERE))  # the grader's package only
-    env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: threads only add overhead and noise
+    env = python_env(os.path.dirname(HERE))  # the grader's package only
     with open(log, "ab") as out:
         log_start = out.tell()
         proc = subprocess.Popen([sys.executable, "-m", "instructor.runner", events.path, *args],

@@ -52,40 +52,53 @@ class Region:
         return lines
 
 
+def blocks(text, path, begin, end, what):
+    """[(begin's match, first line, last line)] of the blocks between a line matching `begin` and the next
+    matching `end` (1-based line numbers). A block inside a block, an end without a begin or a begin without
+    an end is a RegionError naming the file, the line and `what` the markers are."""
+    found, opened = [], None
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = begin.match(line)
+        if match:
+            if opened is not None:
+                raise RegionError(f"{path}:{number}: {what} begins inside the one opened at line {opened[1]}; "
+                                  f"they cannot nest")
+            opened = (match, number)
+        elif end.match(line):
+            if opened is None:
+                raise RegionError(f"{path}:{number}: end of a {what} without a beginning")
+            found.append((*opened, number))
+            opened = None
+    if opened is not None:
+        raise RegionError(f"{path}:{opened[1]}: {what} is never closed")
+    return found
+
+
 def parse(text, path="<text>"):
     """Regions of one file's text, in order."""
-    regions, current = [], None
-    for number, line in enumerate(text.splitlines(), start=1):
-        begin = BEGIN.match(line)
-        if begin:
-            if current is not None:
-                raise RegionError(f"{path}:{number}: BEGIN SOLUTION inside region '{current.id}' "
-                                  f"(opened at line {current.start}); regions cannot nest")
-            rid = begin.group(2)
-            if rid is None or not ID.match(rid):
-                raise RegionError(f"{path}:{number}: BEGIN SOLUTION needs an id of [a-z0-9_], got {rid!r}")
-            current = Region(rid, path, number, 0, begin.group(1), None, [], [], [])
-        elif END.match(line):
-            if current is None:
-                raise RegionError(f"{path}:{number}: END SOLUTION without a BEGIN SOLUTION")
-            current.end = number
-            regions.append(current)
-            current = None
-        elif current is not None:
-            stripped = line.strip()
-            if stripped.startswith("# STUB:"):
-                current.stub = stripped[len("# STUB:"):].strip()
-            elif stripped.startswith("# PROMPT:"):
-                current.prompt.append(stripped[len("# PROMPT:"):].strip())
-            elif stripped.startswith("# TODO") and not current.code:
-                current.hint.append(line)
-            else:
-                current.code.append(line)
-        elif line.lstrip().startswith("#") and ("BEGIN SOLUTION" in line or "END SOLUTION" in line):
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if (line.lstrip().startswith("#") and ("BEGIN SOLUTION" in line or "END SOLUTION" in line)
+                and not BEGIN.match(line) and not END.match(line)):
             raise RegionError(f"{path}:{number}: malformed marker; write '# BEGIN SOLUTION <id>' or '# END SOLUTION' "
                               f"alone on the line")
-    if current is not None:
-        raise RegionError(f"{path}:{current.start}: region '{current.id}' is never closed with END SOLUTION")
+    regions = []
+    for begin, start, end in blocks(text, path, BEGIN, END, "solution region (BEGIN SOLUTION ... END SOLUTION)"):
+        rid = begin.group(2)
+        if rid is None or not ID.match(rid):
+            raise RegionError(f"{path}:{start}: BEGIN SOLUTION needs an id of [a-z0-9_], got {rid!r}")
+        region = Region(rid, path, start, end, begin.group(1), None, [], [], [])
+        for line in lines[start:end - 1]:
+            stripped = line.strip()
+            if stripped.startswith("# STUB:"):
+                region.stub = stripped[len("# STUB:"):].strip()
+            elif stripped.startswith("# PROMPT:"):
+                region.prompt.append(stripped[len("# PROMPT:"):].strip())
+            elif stripped.startswith("# TODO") and not region.code:
+                region.hint.append(line)
+            else:
+                region.code.append(line)
+        regions.append(region)
     return regions
 
 

@@ -100,22 +100,15 @@ def mode(path):
 
 def student_readme(text, path="README.md"):
     """README without the blocks between <!-- instructor-only --> and <!-- /instructor-only --> lines."""
-    out, start = [], None
-    for number, line in enumerate(text.splitlines(keepends=True), start=1):
-        marker = line.strip()
-        if marker == INSTRUCTOR_ONLY:
-            if start is not None:
-                raise ReleaseError(f"{path}:{number}: {INSTRUCTOR_ONLY} inside the block opened at line {start}")
-            start = number
-        elif marker == INSTRUCTOR_ONLY_END:
-            if start is None:
-                raise ReleaseError(f"{path}:{number}: {INSTRUCTOR_ONLY_END} without an opening {INSTRUCTOR_ONLY}")
-            start = None
-        elif start is None:
-            out.append(line)
-    if start is not None:
-        raise ReleaseError(f"{path}:{start}: {INSTRUCTOR_ONLY} is never closed with {INSTRUCTOR_ONLY_END}")
-    return "".join(out)
+    try:
+        found = regions.blocks(text, path, re.compile(rf"^\s*{re.escape(INSTRUCTOR_ONLY)}\s*$"),
+                               re.compile(rf"^\s*{re.escape(INSTRUCTOR_ONLY_END)}\s*$"), f"{INSTRUCTOR_ONLY} block")
+    except regions.RegionError as e:
+        raise ReleaseError(str(e)) from None
+    lines = text.splitlines(keepends=True)
+    for _, start, end in reversed(found):
+        del lines[start - 1:end]
+    return "".join(lines)
 
 
 def student_pytest_ini(text):

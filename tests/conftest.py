@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter, config):
     if config.stash.get(SLOW, 0):
         terminalreporter.write_line(f"{config.stash[SLOW]} slow tests not run: `python -m pytest --full` runs every "
-                                    f"test (about 13 minutes; it installs Slurm with apt as root where it is missing)")
+                                    f"test (the README says how long; it installs Slurm with apt as root where it is missing)")
 
 
 @pytest.fixture(scope="module")

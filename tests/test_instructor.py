@@ -37,7 +37,7 @@ def with_region(path, rid, *code):
     ("x = 1\n    # BEGIN SOLUTION a\n    y = 2\n", 2, "never closed"),
     ("# BEGIN SOLUTION\n# END SOLUTION\n", 1, "needs an id"),
     ("# BEGIN SOLUTION Bad-Id\n# END SOLUTION\n", 1, "needs an id"),
-    ("x = 1\n# END SOLUTION\n", 2, "without a BEGIN"),
+    ("x = 1\n# END SOLUTION\n", 2, "without a beginning"),
     ("# BEGIN SOLUTION a  # oops\n# END SOLUTION\n", 1, "malformed marker"),
 ])
 def test_marker_errors_name_file_and_line(text, line, message):
@@ -83,6 +83,10 @@ def test_readme_for_students():
     assert release.student_readme("no markers\n") == "no markers\n"
     with pytest.raises(release.ReleaseError, match=r"^README\.md:2: .* never closed"):
         release.student_readme("a\n<!-- instructor-only -->\nb\n")
+    with pytest.raises(release.ReleaseError, match=r"^README\.md:3: .* cannot nest"):
+        release.student_readme("<!-- instructor-only -->\na\n<!-- instructor-only -->\n")
+    with pytest.raises(release.ReleaseError, match=r"^README\.md:1: end of .* without a beginning"):
+        release.student_readme("<!-- /instructor-only -->\n")
 
 
 def test_pytest_ini_for_students():
