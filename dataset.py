@@ -57,7 +57,7 @@ def atomic_write(path, data):
                 try:
                     data(recorder)
                 except RuntimeError:
-                    if recorder.error:  # torch.save's report of a failed write: raise the write's own error
+                    if recorder.error:  # torch.save's report of a failed or interrupted write: raise its cause
                         raise recorder.error from None
                     raise
             else:
@@ -73,8 +73,8 @@ def atomic_write(path, data):
 
 
 class _Recorder:
-    """A file that remembers the OSError of a failed write: torch.save reports a full disk as a
-    RuntimeError about stream positions."""
+    """A file that remembers why a write failed (an OSError, or Ctrl-C's KeyboardInterrupt): torch.save
+    reports either as a RuntimeError about stream positions."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -82,7 +82,7 @@ class _Recorder:
     def write(self, b):
         try:
             return self.f.write(b)
-        except OSError as e:
+        except (OSError, KeyboardInterrupt) as e:
             self.error = self.error or e
             raise
 

@@ -13,6 +13,7 @@ checkpoint; 74 --output cannot be written; 130 stopped by Ctrl-C.
 
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -23,6 +24,7 @@ from pretrained import pretrained_folder
 from train import load_checkpoint
 
 SEPARATOR = "\n" + "-" * 30 + " sample {i} of {n} " + "-" * 30 + "\n"
+PACK_MAX_BYTES = 2 ** 31  # a packed copy doubles the weights' memory: not for the largest GPT-2s
 
 
 class OutputError(ValueError):
@@ -132,22 +134,50 @@ def generate(argv):
     return 0
 
 
+@contextmanager
+def packed_linears(model):
+    """Cached decoding on a CPU, faster: inside, every nn.Linear multiplies with a copy of its weight prepacked
+    for oneDNN (a blocked layout, the one torch.compile uses on CPU). Decoding a token is matrix-vector products
+    that read every weight once, and the packed layout reads them 15-40% faster; that is why this private
+    torch.ops API is used at all, and only here. On a CPU in fp32 or bf16, outside autocast, for models under
+    PACK_MAX_BYTES; elsewhere nothing changes."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    w = linears[0].weight
+    bf16_ok = w.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if (w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or not bf16_ok
+            or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu") or size > PACK_MAX_BYTES):
+        yield
+        return
+    for m in linears:
+        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, 1)  # 1: a batch-size hint
+        # an instance attribute shadows the class's forward until it is deleted
+        m.forward = lambda x, packed=packed, bias=m.bias: torch.ops.mkldnn._linear_pointwise(
+            x, packed, bias, "none", [], "")
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
 def sample(model, tokenizer, idx, max_new_tokens, options, stop=None, stream=False):
     """Continue every row of idx (B, T) -> B decoded continuations, each ending before `stop` if it comes.
     With stream, row 0's text is printed as it grows."""
     rows, done, shown = [[] for _ in range(len(idx))], [False] * len(idx), 0
-    for token in model.stream(idx, max_new_tokens, **options):
-        for row, t in enumerate(token[:, 0].tolist()):
-            done[row] = done[row] or t == stop
-            if not done[row]:
-                rows[row].append(t)
-        if stream:
-            text = tokenizer.decode(rows[0])
-            if not text.endswith("\ufffd"):  # a BPE token can end inside a character: wait for the rest
-                print(text[shown:], end="", flush=True)
-                shown = len(text)
-        if all(done):
-            break
+    with packed_linears(model) if options["kv_cache"] else nullcontext():
+        for token in model.stream(idx, max_new_tokens, **options):
+            for row, t in enumerate(token[:, 0].tolist()):
+                done[row] = done[row] or t == stop
+                if not done[row]:
+                    rows[row].append(t)
+            if stream:
+                text = tokenizer.decode(rows[0])
+                if not text.endswith("\ufffd"):  # a BPE token can end inside a character: wait for the rest
+                    print(text[shown:], end="", flush=True)
+                    shown = len(text)
+            if all(done):
+                break
     return [tokenizer.decode(row) for row in rows]
 
 

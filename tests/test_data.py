@@ -7,6 +7,7 @@ import tarfile
 import urllib.error
 
 import pytest
+import torch
 
 import dataset
 
@@ -93,3 +94,26 @@ def test_default_corpus_error_says_how_to_supply_a_file(tmp_path, monkeypatch):
     with pytest.raises(dataset.DataError, match="--txt_file"):
         dataset.default_corpus(str(tmp_path))
     assert os.listdir(tmp_path) == []  # nothing half-written
+
+
+def test_ctrl_c_inside_torch_save_stays_a_keyboard_interrupt(tmp_path, monkeypatch):
+    # torch.save turns an exception inside a write into "RuntimeError: unexpected pos"; a second Ctrl-C
+    # landing there must still reach train.py as KeyboardInterrupt (exit 130), and leave no temporary file
+    class Interrupted:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, b):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    recorder = dataset._Recorder
+    monkeypatch.setattr(dataset, "_Recorder", lambda f: recorder(Interrupted(f)))
+    with pytest.raises(KeyboardInterrupt):
+        dataset.atomic_write(str(tmp_path / "last.pt"), lambda f: torch.save({"w": torch.zeros(100_000)}, f))
+    assert os.listdir(tmp_path) == []
