@@ -382,16 +382,21 @@ class Run:
         except OSError as e:
             raise OSError(e.errno, e.strerror, self.log_file.name) from None
 
-    def save(self, name, state):
-        """Process 0 writes; if that fails, every process stops (exit EXIT_IO) and the earlier file stays."""
+    def on_process_0(self, action, failure):
+        """Run action on process 0; when it raises OSError, every process raises (all exit with EXIT_IO)."""
         error = None
         if self.master:
             try:
-                atomic_write(os.path.join(self.cfg.out_dir, name), lambda f: torch.save(state, f))
+                action()
             except OSError as e:
                 error = e
         if self.on_every_process(error is not None):
-            raise error or OSError(errno.EIO, "process 0 could not save", name)
+            raise error or OSError(errno.EIO, f"process 0 {failure}", self.cfg.out_dir)
+
+    def save(self, name, state):
+        """Process 0 writes the file (atomically: if that fails, the earlier one stays)."""
+        path = os.path.join(self.cfg.out_dir, name)
+        self.on_process_0(lambda: atomic_write(path, lambda f: torch.save(state, f)), f"could not save {name}")
 
 
 @dataclass
@@ -430,16 +435,11 @@ def build(run, s):
 def open_run_folder(run, s, model):
     """Process 0 checks that the run folder takes the checkpoints (all processes stop together if not), then
     writes config.json and tokenizer.json and opens train.log and TensorBoard's events."""
-    cfg, error = run.cfg, None
-    if run.master:
-        # weights, buffers and AdamW's two moments, all in fp32 (estimated: nothing is written yet)
-        state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        try:
-            check_run_folder(cfg.out_dir, state_bytes + 8 * model.num_params() + 2 ** 20)
-        except OSError as e:
-            error = e
-    if run.on_every_process(error is not None):
-        raise error or OSError(errno.EIO, "process 0 cannot write the run folder", cfg.out_dir)
+    cfg = run.cfg
+    # weights, buffers and AdamW's two moments, all in fp32 (estimated: nothing is written yet)
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    run.on_process_0(lambda: check_run_folder(cfg.out_dir, state_bytes + 8 * model.num_params() + 2 ** 20),
+                     "cannot write the run folder")
     if not run.master:
         return
     os.makedirs(cfg.out_dir, exist_ok=True)
