@@ -54,8 +54,8 @@ class GPTConfig:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm written out: y = (x - mean) / sqrt(var + eps) * weight + bias, over the last dim. The model
-    uses PyTorch's nn.LayerNorm, one kernel instead of seven operations, unless GPTConfig.fused_norm is False."""
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last dim, written out. The model uses nn.LayerNorm
+    (one kernel instead of seven operations) unless GPTConfig.fused_norm is False."""
 
     def __init__(self, ndim, bias=True, eps=1e-5):
         super().__init__()
@@ -76,8 +76,8 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (as in LLaMA): y = x / sqrt(mean(x^2) + eps) * weight. No centring, no bias.
-    The model uses PyTorch's nn.RMSNorm unless GPTConfig.fused_norm is False, as for LayerNorm."""
+    """Root-mean-square norm (LLaMA's): y = x / sqrt(mean(x^2) + eps) * weight, no centring, no bias. The model
+    uses nn.RMSNorm unless GPTConfig.fused_norm is False."""
 
     def __init__(self, ndim, eps=1e-5):
         super().__init__()
@@ -112,8 +112,7 @@ class RotaryEmbedding(nn.Module):
         """x: (B, nh, T, hs) for positions offset .. offset+T-1 -> rotated x, same shape and dtype."""
         # the angles, always in fp32 (in bf16 the angles of far positions would be rounded); cheap to compute
         inv_freq = self.base ** (-torch.arange(0, self.head_size, 2, device=x.device) / self.head_size)  # (hs/2,)
-        pos = torch.arange(offset, offset + x.size(-2), dtype=torch.float32, device=x.device)  # (T,)
-        angles = torch.outer(pos, inv_freq)  # (T, hs/2)
+        angles = torch.outer(torch.arange(offset, offset + x.size(-2), device=x.device).float(), inv_freq)  # (T, hs/2)
         cos, sin = angles.cos(), angles.sin()
         # BEGIN SOLUTION rotary
         # TODO: split x (in fp32: x.float()) into halves x1, x2 along the last dim (each (B, nh, T, hs/2)),
@@ -136,8 +135,7 @@ class KVCache:
         self.length = 0  # positions filled so far; GPT.forward advances it
 
     def update(self, layer, k, v):
-        """Store one layer's k, v (B, nh, T, hs) of the new positions -> its keys and values of every position
-        so far, (B, nh, length + T, hs) each."""
+        """Store a layer's k, v (B, nh, T, hs) of new positions -> all its k, v so far, (B, nh, length + T, hs)."""
         end = self.length + k.size(2)
         self.kv[layer, 0, :, :, self.length:end] = k
         self.kv[layer, 1, :, :, self.length:end] = v
@@ -156,8 +154,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        head_size = config.n_embd // config.n_head
-        self.rotary = None if config.abs_emb else RotaryEmbedding(head_size, config.rope_base)
+        self.rotary = None if config.abs_emb else RotaryEmbedding(config.n_embd // config.n_head, config.rope_base)
         mask = torch.ones(config.block_size, config.block_size, dtype=torch.bool).tril()  # query i sees key j <= i
         self.register_buffer("mask", mask, persistent=False)
 
@@ -174,20 +171,26 @@ class CausalSelfAttention(nn.Module):
         # END SOLUTION
         return q, k, v
 
-    def attention_probs(self, q, k):
-        """Manual path: q (B, nh, Tq, hs), k (B, nh, Tk, hs) -> causal attention probabilities (B, nh, Tq, Tk).
-        The queries are the last Tq of the Tk positions: Tq == Tk in training, fewer with a KV cache."""
-        Tq, Tk = q.size(-2), k.size(-2)
-        offset = Tk - Tq  # position of the first query (keys before it come from a KV cache; 0 in training)
+    def attention_scores(self, q, k):
+        """q (B, nh, Tq, hs), k (B, nh, Tk, hs) -> scores (B, nh, Tq, Tk): how well each query matches each key."""
         # BEGIN SOLUTION attn_scores
-        # TODO: scores att = q @ k^T (transpose k's last two dims), scaled by 1 / sqrt(hs): (B, nh, Tq, Tk).
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        # TODO: q @ k^T (transpose k's last two dims), scaled by 1 / sqrt(hs). -> (B, nh, Tq, Tk)
+        return (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         # END SOLUTION
+
+    def causal_mask(self, att):
+        """Scores (B, nh, Tq, Tk) -> the future hidden; the queries are the last Tq of the Tk positions."""
+        Tq, Tk = att.shape[-2:]
+        offset = Tk - Tq  # position of the first query (keys before it come from a KV cache; 0 in training)
         # BEGIN SOLUTION attn_mask
-        # TODO: hide the future: where self.mask[offset:offset + Tq, :Tk] is False (the rows of the queries'
-        # TODO: positions; [:T, :T] in training), set att to float("-inf") (att.masked_fill). (B, nh, Tq, Tk)
-        att = att.masked_fill(~self.mask[offset:offset + Tq, :Tk], float("-inf"))
+        # TODO: where self.mask[offset:offset + Tq, :Tk] is False (the rows of the queries' positions;
+        # TODO: [:T, :T] in training), set att to float("-inf") (att.masked_fill). -> (B, nh, Tq, Tk)
+        return att.masked_fill(~self.mask[offset:offset + Tq, :Tk], float("-inf"))
         # END SOLUTION
+
+    def attention_probs(self, q, k):
+        """Manual path: q (B, nh, Tq, hs), k (B, nh, Tk, hs) -> causal attention probabilities (B, nh, Tq, Tk)."""
+        att = self.causal_mask(self.attention_scores(q, k))
         # BEGIN SOLUTION attn_softmax
         # TODO: turn each row of scores into probabilities: softmax over the last dim (keys). (B, nh, Tq, Tk)
         return F.softmax(att, dim=-1)
@@ -275,8 +278,7 @@ class GPT(nn.Module):
             ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the input embedding and the output projection share one matrix (GPT-2)
-        self.transformer.wte.weight = self.lm_head.weight
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying (GPT-2): one matrix for both
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections: the residual stream's variance stays put with depth
         for name, p in self.named_parameters():
@@ -302,9 +304,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {offset + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(offset, offset + T, device=idx.device)  # (T,) the positions of idx's tokens
         # BEGIN SOLUTION gpt_embed
-        # TODO: token embeddings self.transformer.wte(idx) (B, T, C); with learned positions
-        # TODO: (self.transformer.wpe is not None) add wpe(pos), (T, C) broadcast over the batch; then apply
-        # TODO: self.transformer.drop. -> x (B, T, C)
+        # TODO: token embeddings self.transformer.wte(idx) (B, T, C); with learned positions (self.transformer.wpe
+        # TODO: is not None) add wpe(pos), (T, C) broadcast over the batch; then self.transformer.drop. -> x (B, T, C)
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch
@@ -345,10 +346,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
                kv_cache=True):
-        """Yield the sampled tokens (B, 1) one step at a time, the model seeing the last block_size tokens at
-        most. With kv_cache, the prompt is processed once, then only the newest token. A sequence longer than
-        block_size recomputes its window at each step: cached keys of deeper layers depend on tokens that
-        have left the window, so sliding the cache would change the result."""
+        """Yield the sampled tokens (B, 1) one step at a time; the model sees the last block_size tokens at most.
+        With kv_cache, the prompt is processed once, then only the newest token; past block_size, each step
+        recomputes the window (cached keys of deeper layers depend on tokens that have left it)."""
         block_size, weight = self.config.block_size, self.lm_head.weight
         cache = KVCache(self.config, idx.size(0), weight.device, weight.dtype) if kv_cache else None
         new = idx[:, -block_size:]  # what the next forward has to process
