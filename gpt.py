@@ -174,7 +174,7 @@ class CausalSelfAttention(nn.Module):
     def attention_scores(self, q, k):
         """q (B, nh, Tq, hs), k (B, nh, Tk, hs) -> scores (B, nh, Tq, Tk): how well each query matches each key."""
         # BEGIN SOLUTION attn_scores
-        # TODO: q @ k^T (transpose k's last two dims), scaled by 1 / sqrt(hs). -> (B, nh, Tq, Tk)
+        # TODO: q @ k^T (transpose k's last two dims), times 1 / sqrt(hs), hs = k.size(-1). -> (B, nh, Tq, Tk)
         return (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         # END SOLUTION
 

@@ -570,14 +570,13 @@ class Meter:
         self.hint_at = step + 2 * cfg.log_interval if cpu_big else None
 
     def report(self, step, lr, grad_norm, bar):
-        """Mean loss since the last report (all processes), logged -> the training loss; a NaN stops the run."""
+        """Mean loss since the last report (all processes), logged -> the training loss (NaN/inf: not logged)."""
         run, cfg = self.run, self.run.cfg
         stats = torch.stack([self.loss_sum / (step - self.step_log), grad_norm.float().to(run.device)])
         if run.ddp:
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         train_loss, norm = stats.tolist()
-        if not math.isfinite(train_loss):  # the weights are spoilt: keep the last good checkpoint as it is
-            bar.close()
+        if not math.isfinite(train_loss):  # the weights are spoilt: the caller stops without saving
             return train_loss
         dt, self.t_log = time.time() - self.t_log, time.time()
         tokens_per_sec = (step - self.step_log) * run.tokens_per_step / dt
@@ -631,7 +630,8 @@ def train(s, signals):
             # the loss is read back at log intervals, and before anything is written
             if last or stop or any(step % n == 0 for n in (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)):
                 train_loss = meter.report(step, lr, grad_norm, bar)
-                if not math.isfinite(train_loss):
+                if not math.isfinite(train_loss):  # keep the last good checkpoint as it is
+                    bar.close()
                     kept = (f"last.pt of step {progress.saved_step} is kept" if progress.saved_step is not None
                             else "no checkpoint was written")
                     message = (f"the training loss became {train_loss} by step {step}; stopped without saving "
