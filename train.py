@@ -47,11 +47,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cfg import (CPU_QUICK_RUN, DEFAULT_MAX_STEPS, EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE,
-                 TrainConfig, cpu_has_bf16, cpu_has_fp16, parse_config)
+from cfg import (DEFAULT_MAX_STEPS, EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE,
+                 TrainConfig, cpu_has_fp16, parse_config)
 from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomic_write, check_writable, default_corpus,
                      read_text, remove_stale_temporaries, tokenizer_from_dict, train_val_split)
 from gpt import GPT, GPTConfig
+from optim import configure_optimizers, lr_at
 from pretrained import pretrained_folder
 
 # dense bf16/fp16 tensor-core peaks, for MFU: a model name is one word of the GPU's name ("NVIDIA L40S",
@@ -66,14 +67,6 @@ def peak_flops(gpu_name):
     """The PEAK_FLOPS entry whose words all occur in gpu_name (the first such entry), else None."""
     words = set(re.split(r"[^A-Z0-9]+", gpu_name.upper()))
     return next((peak for key, peak in PEAK_FLOPS.items() if set(key.split()) <= words), None)
-
-
-def lr_at(step, cfg, max_steps):
-    """Linear warmup (never 0, even at step 0), then cosine decay from learning_rate to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
 def micro_batches(ds, cfg, epoch, epoch_step, rank, world_size, pin_memory):
@@ -221,6 +214,9 @@ def setup(argv):
     if resume and not os.path.exists(last_path):
         raise ValueError(f"--resume: there is no {last_path}; check --out_dir or drop --resume")
     ckpt = resume_checkpoint(cfg.out_dir) if resume else None
+    if ckpt and ckpt["config"].get("optimizer", "adamw") != cfg.optimizer:
+        raise ValueError(f"{cfg.out_dir} holds a run trained with --optimizer {ckpt['config'].get('optimizer', 'adamw')}, "
+                         f"not {cfg.optimizer}; pass the same, another --out_dir, or --no-resume")
     if ckpt and ckpt["config"].get("pretrained") != cfg.pretrained:
         raise ValueError(f"{cfg.out_dir} holds a run with --pretrained {ckpt['config'].get('pretrained')}, not "
                          f"{cfg.pretrained}; pass the same, another --out_dir, or --no-resume")
@@ -309,18 +305,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         fail("stopped at once by a second Ctrl-C; the last checkpoint is kept: run the same command again to resume",
              EXIT_ABORTED)
-
-
-def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
-    """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # the fused kernel updates every parameter in one pass instead of ~10 operations per tensor
-    # (on a CPU, 5 ms per step instead of 15-30 for the default model)
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
 def start_processes(device):
@@ -417,7 +401,8 @@ def build(run, s):
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + run.rank)  # each process its own dropout; DDP copies process 0's initial weights
     model = (s.pretrained or GPT(s.model_config)).to(run.device)
-    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), run.device_type)
+    optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), run.device_type,
+                                     cfg.optimizer)
     scaler = torch.amp.GradScaler(run.device_type, enabled=cfg.precision == "fp16")  # fp16 needs loss scaling
     if not ckpt:
         return model, optimizer, scaler, Progress()
@@ -584,9 +569,9 @@ class Meter:
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
         if self.hint_at is not None and step >= self.hint_at:
             self.hint_at, hours = None, (cfg.max_steps - step) * run.tokens_per_step / tokens_per_sec / 3600
-            quick = CPU_QUICK_RUN if cpu_has_bf16() else CPU_QUICK_RUN.replace("bf16", "fp32")
             tqdm.write(f"hint: this is the GPU configuration; at {tokens_per_sec:,.0f} tokens/s it needs about "
-                       f"{hours:.1f} more hours on this CPU. A quick CPU run: python train.py {quick}", file=sys.stderr)
+                       f"{hours:.1f} more hours on this CPU. A quick CPU run: python train.py --preset cpu-speedrun",
+                       file=sys.stderr)
         if run.master:
             for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", norm),
                                 ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):

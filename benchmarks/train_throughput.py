@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from cfg import cpu_has_bf16  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
-from train import configure_optimizers  # noqa: E402
+from optim import configure_optimizers  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
 

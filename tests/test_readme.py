@@ -3,7 +3,7 @@
 import os
 import re
 
-from cfg import CPU_QUICK_RUN
+from cfg import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,8 +38,9 @@ def one_line(command):
     return " ".join(command.replace("\\\n", " ").split())
 
 
-def test_the_documented_quick_cpu_runs_are_cfg_CPU_QUICK_RUN():
+def test_the_documented_quick_cpu_runs_are_the_speedrun_preset():
     quick = re.search(r"\*\*A quick run on a CPU\*\*.*?```bash\n(.+?)\n```", read("README.md"), re.S)
-    assert quick and one_line(quick.group(1)) == "OMP_WAIT_POLICY=ACTIVE python train.py " + CPU_QUICK_RUN
-    job = re.search(r"slurm/train\.job (--model_type.+?) +# the README's quick CPU run", read("slurm/README.md"), re.S)
-    assert job and one_line(job.group(1)) == CPU_QUICK_RUN
+    assert quick and one_line(quick.group(1)) == "OMP_WAIT_POLICY=ACTIVE python train.py --preset cpu-speedrun"
+    job = re.search(r"slurm/train\.job (--preset \S+) +# the README's quick CPU run", read("slurm/README.md"))
+    assert job and job.group(1) == "--preset cpu-speedrun"
+    assert "cpu-speedrun" in PRESETS

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cfg
+import optim
 import train
 from cfg import EXIT_INTERRUPTED
 from dataset import CharTokenizer
@@ -124,9 +125,18 @@ def test_tensorboard_has_the_scalars_and_samples(trained):
 def test_learning_rate_warms_up_from_above_zero_then_decays_to_min_lr():
     config = cfg.parse_config(["--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "10",
                                "--max_steps", "100", "--device", "cpu"])
-    lrs = [train.lr_at(step, config, 100) for step in range(101)]
+    lrs = [optim.lr_at(step, config, 100) for step in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # warmup: lr * (step + 1) / warmup
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[100] == pytest.approx(1e-4)
+
+
+def test_warmup_stable_decay_holds_the_learning_rate_then_decays_linearly_over_the_cooldown():
+    config = cfg.parse_config(["--learning_rate", "1e-3", "--min_lr", "1e-4", "--warmup_steps", "10",
+                               "--cooldown", "0.3", "--max_steps", "100", "--device", "cpu"])
+    lrs = [optim.lr_at(step, config, 100) for step in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10:71] == pytest.approx([1e-3] * 61)  # stable until the last 30 steps
+    assert lrs[85] == pytest.approx(1e-3 - 0.5 * 9e-4) and lrs[100] == pytest.approx(1e-4)  # linear
 
 
 def test_processes_get_disjoint_shards_of_the_same_global_batch():
@@ -147,8 +157,16 @@ def test_processes_get_disjoint_shards_of_the_same_global_batch():
 # ----------------------------------------------------------------------------- interruptions
 
 @pytest.mark.slow
-def test_kill_9_then_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tmp_path):
-    args = ["--max_steps", "200", "--checkpoint_interval", "10", "--eval_interval", "50", "--dropout", "0.1"]
+def optimizer_states(ckpt):
+    """Every per-parameter state of the checkpoint's optimizer(s): AdamW's, or Muon's then AdamW's."""
+    state = ckpt["optimizer"]
+    return [s for o in state.get("optimizers", [state]) for s in o["state"].values()]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_kill_9_then_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tmp_path, optimizer):
+    args = ["--max_steps", "200", "--checkpoint_interval", "10", "--eval_interval", "50", "--dropout", "0.1",
+            "--optimizer", optimizer]
     reference = run(tiny(corpus, tmp_path / "reference", *args))
     assert reference.returncode == 0, reference.stderr
 
@@ -174,7 +192,9 @@ def test_kill_9_then_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus,
     a, b = load(tmp_path / "reference" / "last.pt"), load(last)
     assert a["step"] == b["step"] == 200
     assert_same_tensors(a["model"], b["model"])
-    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+    states_a, states_b = optimizer_states(a), optimizer_states(b)
+    assert len(states_a) == len(states_b) == len(list(GPT(GPTConfig.from_dict(a["model_config"])).parameters()))
+    for state_a, state_b in zip(states_a, states_b):
         assert_same_tensors(state_a, state_b)
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]) and a["best_val_loss"] == b["best_val_loss"]
 
@@ -227,14 +247,16 @@ def test_fp16_saves_the_grad_scaler_and_bf16_runs_where_the_cpu_has_it(corpus, t
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):
-    args = ["--max_steps", "12", "--eval_interval", "12", "--dropout", "0", "--eval_iters", "2"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path, optimizer):
+    args = ["--max_steps", "12", "--eval_interval", "12", "--dropout", "0", "--eval_iters", "2", "--optimizer", optimizer]
     runs = {
         "one process, batch 8": ((), ["--batch_size", "8"]),
-        "one process, batch 4 x 2 accumulated": ((), ["--batch_size", "4", "--grad_accum", "2"]),
         "torchrun 2 processes, batch 4 each": (("-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                                                "2"), ["--batch_size", "4"]),
     }
+    if optimizer == "adamw":  # accumulation is the optimizer's business not at all: once is enough
+        runs["one process, batch 4 x 2 accumulated"] = ((), ["--batch_size", "4", "--grad_accum", "2"])
     ckpts = {}
     for i, (name, (launcher, batch)) in enumerate(runs.items()):
         result = run(tiny(corpus, tmp_path / str(i), *args) + batch, launcher=launcher)
@@ -324,3 +346,74 @@ def test_every_model_field_is_an_option_that_reaches_the_model():
     assert options.model_config(11) == GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16,
                                                  dropout=0.1, bias=False, abs_emb=True, use_flash_attn=False,
                                                  norm="rmsnorm", fused_norm=False, rope_base=500.0)
+
+
+# ----------------------------------------------------------------------------- optimizers and presets
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    muon, adamw = optim.configure_optimizers(model, 0.1, 1e-3, (0.9, 0.99), "cpu", "muon").optimizers
+    names = {id(p): name for name, p in model.named_parameters()}
+    on_muon = sorted(names[id(p)] for group in muon.param_groups for p in group["params"])
+    assert on_muon == sorted(n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
+    assert len(on_muon) == 2 * 4  # attention c_attn, c_proj; MLP c_fc, c_proj
+    on_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert "transformer.wte.weight" in on_adamw and not on_adamw & set(on_muon)  # the tied embedding/head: AdamW
+    assert len(on_muon) + len(on_adamw) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("shape", [(48, 144), (192, 48)])
+def test_orthogonalize_makes_every_singular_value_about_one(shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 0, shape[1])
+    assert torch.linalg.cond(G) > 15  # ill-conditioned: some directions of the gradient are much larger
+    s = torch.linalg.svdvals(optim.orthogonalize(G))
+    assert s.min() > 0.6 and s.max() < 1.25, s  # the update treats every direction (about) alike
+
+
+def test_a_preset_fills_in_flags_and_the_command_line_overrides_them(monkeypatch):
+    monkeypatch.setattr(cfg, "cpu_has_bf16", lambda: False)
+    config = cfg.parse_config(["--preset", "cpu-speedrun", "--max_steps", "7"])
+    assert config.optimizer == "muon" and config.n_embd == 192 and config.max_steps == 7
+    assert config.precision == "fp32"  # the preset's bf16, on a CPU without it
+    assert cfg.parse_config(["--preset", "cpu-quick"]).optimizer == "adamw"
+
+
+def test_resuming_with_another_optimizer_is_refused(corpus, tmp_path, capsys):
+    assert run(tiny(corpus, tmp_path, "--max_steps", "3")).returncode == 0
+    with pytest.raises(SystemExit) as exit_:
+        train.main(tiny(corpus, tmp_path, "--max_steps", "6", "--optimizer", "muon"))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--optimizer adamw, not muon" in err and err.count("\n") == 1, err
+
+
+def test_full_val_loss_counts_every_position_of_every_window_once():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from val_loss import full_val_loss
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11)).eval()
+    data = torch.randint(0, 11, (8 * 5 + 3,))  # 5 whole windows, and 2 tokens no window takes as input
+    with torch.no_grad():
+        losses = [model(data[i:i + 8][None], data[i + 1:i + 9][None])[1] for i in range(0, 40, 8)]
+    assert full_val_loss(model, data, batch_size=2) == pytest.approx(torch.stack(losses).mean().item(), rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [None, "cpu-quick"])
+def test_cpu_quality_runs_a_preset_and_reports_the_full_validation_loss(corpus, tmp_path, recipe):
+    env = dict(ENV, PYTHON=sys.executable, TXT_FILE=corpus, OUT_DIR=str(tmp_path / "run"), OMP_WAIT_POLICY="PASSIVE")
+    if recipe:
+        env["RECIPE"] = recipe
+    shrink = ["--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "4", "--max_steps", "6",
+              "--eval_interval", "6", "--warmup_steps", "2", "--eval_iters", "2", "--sample_length", "0"]
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "cpu_quality.sh"), *shrink], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith(f"{recipe or 'cpu-speedrun'}: full val loss "), summary
+    full = float(summary.split("full val loss ")[1].split()[0])
+    direct = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "val_loss.py"), str(tmp_path / "run")],
+                            env=ENV, capture_output=True, text=True, timeout=60)
+    assert direct.stdout.strip() == f"{full:.4f}" and 2.5 < full < 4.5  # 6 steps: far from trained, but learning
+    assert load(tmp_path / "run" / "best.pt")["config"]["optimizer"] == ("adamw" if recipe else "muon")
+    assert float(summary.split("wall time ")[1].split()[0]) > 0
