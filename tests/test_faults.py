@@ -358,7 +358,7 @@ def test_each_tool_lists_its_own_exit_codes(capsys):
             tool.main(["--help"])
         help_text = capsys.readouterr().out
         assert codes in help_text and "130" in help_text and "Ctrl-C" in help_text
-        assert ("quick CPU run" in help_text) == (tool is train)
+        assert ("--preset cpu-speedrun:" in help_text) == (tool is train)
 
 
 def test_generate_says_which_checkpoint_it_samples_from(base_run, capsys):

@@ -238,6 +238,9 @@ def test_fp16_saves_the_grad_scaler_and_bf16_runs_where_the_cpu_has_it(corpus, t
     fp16 = run(tiny(corpus, tmp_path / "fp16", "--max_steps", "10", "--precision", "fp16"))
     assert fp16.returncode == 0, fp16.stderr
     assert load(tmp_path / "fp16" / "last.pt")["scaler"]["scale"] > 0
+    muon = run(tiny(corpus, tmp_path / "fp16-muon", "--max_steps", "10", "--precision", "fp16", "--optimizer", "muon"))
+    assert muon.returncode == 0, muon.stderr  # the loss scaler unscales and steps both optimizers
+    assert load(tmp_path / "fp16-muon" / "last.pt")["scaler"]["scale"] > 0 and val_losses(tmp_path / "fp16-muon")[-1] < 4
     assert ("hint: this CPU has no native fp16" in fp16.stderr) == (not cfg.cpu_has_fp16()), fp16.stderr
     bf16 = run(tiny(corpus, tmp_path / "bf16", "--max_steps", "10", "--precision", "bf16"))
     if cfg.cpu_has_bf16():
