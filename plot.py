@@ -176,7 +176,7 @@ def needs(*todos):
         print(f"This cell needs your code for {', '.join(f'TODO[{t}]' for t in todos)}. {stub.group(0)} is still a "
               f"stub: write it, check it with `pytest unittests.py -k {stub.group(1)}`, then run this cell again.")
     except DataError as e:
-        print(f"This cell needs a trained model: {e}")
+        print(f"This cell cannot run: {e}")
 
 
 # ----------------------------------------------------------------------------- python plot.py RUN
