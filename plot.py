@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from cfg import EXIT_IO, EXIT_USAGE, parse_plot_config
-from dataset import DataError, atomic_write
+from dataset import DataError, atomic_write, check_writable
 from gpt import sample_next
 
 TODO = re.compile(r"TODO\[([a-z0-9_]+)\]")
@@ -191,6 +191,7 @@ def main(argv=None):
         return EXIT_USAGE
     output = cfg.output or os.path.join(cfg.run, "loss.png")
     try:
+        check_writable(os.path.dirname(os.path.abspath(output)))  # its nearest folder, for a clear message
         save(loss_figure(curves, os.path.basename(os.path.normpath(cfg.run))), output)
     except OSError as e:
         print(f"error: cannot write --output {output}: {e.strerror}; pass a path in a folder you can write to",
@@ -198,6 +199,7 @@ def main(argv=None):
         return EXIT_IO
     print(f"wrote {output}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
