@@ -225,6 +225,12 @@ def test_plot_cli_draws_the_loss_curves(events_dir, tmp_path, capsys):
 
 
 def test_plot_cli_bad_input(events_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        plot.main(["--help"])
+    assert "RUN" in (out := capsys.readouterr().out) and "74 the picture could not be written" in out
+    with pytest.raises(SystemExit) as exit_code:
+        plot.main([])
+    assert exit_code.value.code == 2 and one_error_line(capsys.readouterr().err, "RUN")
     from torch.utils.tensorboard import SummaryWriter
     (tmp_path / "empty").mkdir()
     with SummaryWriter(str(tmp_path / "no_loss")) as writer:
