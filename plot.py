@@ -106,15 +106,15 @@ def losses(run):
 
 # ----------------------------------------------------------------------------- the pictures
 
-def heatmaps(maps, labels, title="layer {row}, head {col}", unit="attention"):
+def heatmaps(maps, labels, title="layer {row}, head {col}", unit="attention", limits=(0, 1)):
     """maps (rows, cols, T, T) -> a grid of heatmaps, labels (T strings) along both axes: the queries (rows of a
-    map) run down, the keys across. The title of each is `title` with its row and column filled in."""
+    map) run down, the keys across. Each is titled `title` with its row and column filled in; the colours span
+    limits (None: each map's own range)."""
     rows, cols, T = maps.size(0), maps.size(1), maps.size(-1)
     side = max(2.5, 0.15 * T + 1)  # inches per map: room for T labels
     fig = figure(cols * side + 1, rows * side)
     axes = fig.subplots(rows, cols, squeeze=False)
-    finite = maps[maps.isfinite()]  # a masked score is -inf: drawn blank
-    low, high = (0, 1) if unit == "attention" else (finite.min().item(), finite.max().item())
+    low, high = limits or (None, None)
     for row in range(rows):
         for col in range(cols):
             ax = axes[row][col]
@@ -140,12 +140,12 @@ def bars(distributions, labels, top=None):
     first = next(iter(distributions.values()))
     order = first.argsort(descending=True)[:top].tolist() if top else range(len(labels))
     fig = figure(3.2 * len(distributions), 2.8)
-    for n, (title, probs) in enumerate(distributions.items()):
-        ax = fig.add_subplot(1, len(distributions), n + 1, sharey=fig.axes[0] if n else None)
+    axes = fig.subplots(1, len(distributions), sharey=True, squeeze=False)[0]
+    for ax, (title, probs) in zip(axes, distributions.items()):
         ax.bar(range(len(order)), [probs[i].item() for i in order])
         ax.set_xticks(range(len(order)), [labels[i] for i in order], fontsize=8)
         ax.set_title(title, fontsize=9)
-    fig.axes[0].set_ylabel("probability")
+    axes[0].set_ylabel("probability")
     return fig
 
 
