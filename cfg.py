@@ -347,7 +347,8 @@ def parse_sample_config(argv=None):
 def check_png(path, option):
     """A picture's path names a .png file (or is None)."""
     check(path is None or not os.path.isdir(path), f"{option} {path} is a folder; pass a file name ending in .png")
-    check(path is None or path.lower().endswith(".png"), f"{option} {path} is not a .png file; pass a name ending in .png")
+    check(path is None or path.lower().endswith(".png"),
+          f"{option} {path} is not a .png file; pass a name ending in .png")
 
 
 @dataclass

@@ -188,7 +188,8 @@ def mentions(student):
             for where, line in released_lines(path, data):
                 found = INSTRUCTOR_ONLY.search(line)
                 if found:
-                    problems.append(f"{where} in the release mentions {found.group(0)!r}: {' '.join(line.split())[:90]}")
+                    problems.append(f"{where} in the release mentions {found.group(0)!r}: "
+                                    f"{' '.join(line.split())[:90]}")
     return problems
 
 

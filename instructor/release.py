@@ -21,7 +21,8 @@ import zipfile
 from instructor import regions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDENT_MODULES = ("gpt.py", "dataset.py", "cfg.py", "train.py", "generate.py", "pretrained.py", "plot.py")  # released when present
+STUDENT_MODULES = ("gpt.py", "dataset.py", "cfg.py", "train.py", "generate.py", "pretrained.py",
+                   "plot.py")  # released when present
 GRADED_FILES = ("unittests.py", "unittests_ref.pt", "conftest.py")  # released and graded as they are
 OTHER_FILES = ("requirements.txt", ".gitignore")
 FOLDERS = ("slurm", "data", "notebooks")  # what git tracks, or would, in them
