@@ -224,6 +224,18 @@ def test_plot_cli_draws_the_loss_curves(events_dir, tmp_path, capsys):
     assert os.listdir(tmp_path / "plots") == ["loss.png"]
 
 
+def test_loss_curves_of_a_resumed_run_drop_what_the_resume_purged(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(tmp_path)) as writer:  # interrupted after step 80, its last checkpoint at step 50
+        for step in range(10, 81, 10):
+            writer.add_scalar("train/loss", 3.0, step)
+    with SummaryWriter(str(tmp_path), purge_step=50) as writer:  # as train.py resumes: from step 50 again
+        for step in range(60, 101, 10):
+            writer.add_scalar("train/loss", 2.0, step)
+    steps, values = plot.losses(str(tmp_path))["train/loss"]  # steps >= 50 of the first run are gone, as in TensorBoard
+    assert steps == [10, 20, 30, 40, 60, 70, 80, 90, 100] and values == [3.0] * 4 + [2.0] * 5
+
+
 def test_plot_cli_bad_input(events_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main(["--help"])
