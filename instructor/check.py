@@ -6,8 +6,8 @@
   2. the release imports, and every graded test that covers a region fails there with the TODO[id]
      message of one of its regions (a test that covers none must pass: no student could fix it);
   3. coverage: with any one region alone replaced by its stub, at least one graded test fails;
-  4. no line of solution code appears in the release (a notebook's cells included), and no released .py
-     file or notebook mentions the solution markers or the instructor;
+  4. no line of solution code appears in the release (a notebook's cells included), no released .py
+     file or notebook mentions the solution markers or the instructor, and notebooks carry no outputs;
   5. unittests_ref.pt was generated from the current gpt.py;
   6. the tests tell right from wrong: every realistic mistake of instructor/mistakes.py loses points
      and every valid alternative there keeps full marks.
@@ -190,6 +190,18 @@ def mentions(student):
                 if found:
                     problems.append(f"{where} in the release mentions {found.group(0)!r}: "
                                     f"{' '.join(line.split())[:90]}")
+    return problems
+
+
+def notebook_outputs(student):
+    """-> problems: released notebooks that carry outputs (a traceback there would show solution code)."""
+    problems = []
+    for path, (data, _) in sorted(student.items()):
+        if path.endswith(".ipynb"):
+            cells = [str(n) for n, cell in enumerate(json.loads(data)["cells"], start=1) if cell.get("outputs")]
+            if cells:
+                problems.append(f"{path} holds the outputs of cell(s) {', '.join(cells)}: clear them (Jupyter: Edit > "
+                                f"Clear All Outputs) and commit it")
     return problems
 
 
@@ -441,7 +453,7 @@ def check(file=None):
         release_run = pool.submit(graded_run, pristine, {})
         imported = pool.submit(import_error, os.path.join(tmp, "student"))
         leaked, looked_for = leaks(found, student)  # meanwhile
-        mentioned = mentions(student)
+        mentioned = mentions(student) + notebook_outputs(student)
         stale = reference_problems()
         os.mkdir(os.path.join(tmp, "nothing"))
         grade.prepare(pristine, os.path.join(tmp, "nothing"), os.path.join(tmp, "mutants"))  # the test files
@@ -475,7 +487,8 @@ def check(file=None):
         ok.append(report(3, f"coverage: each of the {len(found)} regions alone stubbed fails a graded test",
                          uncovered, table))
         ok.append(report(4, f"no line of solution code in the release, notebooks included ({looked_for} lines looked "
-                            f"for), no mention of the markers or the instructor", leaked + mentioned))
+                            f"for), no mention of the markers or the instructor, no notebook outputs",
+                         leaked + mentioned))
         ok.append(report(5, "unittests_ref.pt was generated from the current gpt.py", stale))
         outcomes = []
         for share, future in shares:
