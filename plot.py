@@ -173,8 +173,8 @@ def needs(*todos):
         stub = TODO.search(str(e))
         if stub is None:
             raise
-        print(f"This cell needs your code for {', '.join(f'TODO[{t}]' for t in todos)}. {stub.group(0)} is still a "
-              f"stub: write it, check it with `pytest unittests.py -k {stub.group(1)}`, then run this cell again.")
+        print(f"This cell needs your code for the TODOs {', '.join(todos)}. {stub.group(0)} is still a stub: write "
+              f"it, check it with `pytest unittests.py -k {stub.group(1)}`, then run this cell again.")
     except DataError as e:
         print(f"This cell cannot run: {e}")
 
