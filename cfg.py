@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -174,18 +174,24 @@ TRAIN_EPILOG = ("presets, for a quick run on 2 CPU cores (--precision bf16 is fp
                 f"stopped by Ctrl-C, SIGUSR1 or SIGTERM after writing last.pt: run the same command again (or "
                 f"requeue) to resume; {EXIT_ABORTED} a second Ctrl-C stopped it at once (the last checkpoint is "
                 f"kept)")
-SAMPLE_EPILOG = (f"exit codes: 0 done; {EXIT_USAGE} bad option, prompt or checkpoint; {EXIT_IO} --output could not "
-                 f"be written; {EXIT_ABORTED} stopped by Ctrl-C")
+SAMPLE_EPILOG = (f"exit codes: 0 done; {EXIT_USAGE} bad option, prompt or checkpoint; {EXIT_IO} --output or "
+                 f"--attention_map could not be written; {EXIT_ABORTED} stopped by Ctrl-C")
+PLOT_EPILOG = (f"exit codes: 0 done; {EXIT_USAGE} bad option or run folder, or no matplotlib; {EXIT_IO} the picture "
+               f"could not be written")
 
 
 def build_parser(config_class=TrainConfig, description="Train a character-level GPT.", epilog=TRAIN_EPILOG):
-    """The ArgumentParser of a config dataclass: one --flag per field, grouped, with its help text."""
+    """The ArgumentParser of a config dataclass: one --flag per field, grouped, with its help text; a field without
+    a default is a positional argument."""
     parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     groups = {}
     for f in fields(config_class):
         meta = f.metadata
         group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         typ = [t for t in typing.get_args(f.type) if t is not type(None)][0] if typing.get_args(f.type) else f.type
+        if f.default is MISSING:
+            group.add_argument(f.name, type=typ, metavar=f.name.upper(), help=meta["help"])
+            continue
         kwargs = dict(default=f.default, help=meta["help"] + (" (default: %(default)r)" if f.default is not None else ""))
         if typ is bool:
             kwargs["action"] = Switch
@@ -338,6 +344,8 @@ class SampleConfig:
     # output and system
     stream: bool = arg(False, "print tokens as they come (samples are then made one after another)", "output")
     output: Optional[str] = arg(None, "also write the samples to this file", "output")
+    attention_map: Optional[str] = arg(None, "also draw every head's attention over the prompt into this .png file "
+                                       "(needs matplotlib: pip install -r notebooks/requirements.txt)", "output")
     device: str = arg("auto", "auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu", "system")
     precision: str = arg("auto", "weights' precision; auto: bf16 on GPUs that have it, else fp16 on GPUs, "
                          "fp32 on CPU/MPS", "system", choices=["auto", "fp32", "bf16", "fp16"])
@@ -357,6 +365,28 @@ def parse_sample_config(argv=None):
     for name in ("num_samples", "max_new_tokens"):
         check(getattr(cfg, name) >= 1, f"--{name} must be a positive integer, got {getattr(cfg, name)}")
     check(not (cfg.output and os.path.isdir(cfg.output)), f"--output {cfg.output} is a folder; pass a file name")
+    check_png(cfg.attention_map, "--attention_map")
     cfg.device = resolve_device(cfg.device)
     cfg.precision = resolve_precision(cfg.precision, cfg.device)
+    return cfg
+
+
+def check_png(path, option):
+    """A picture's path names a .png file (or is None)."""
+    check(path is None or not os.path.isdir(path), f"{option} {path} is a folder; pass a file name ending in .png")
+    check(path is None or path.lower().endswith(".png"),
+          f"{option} {path} is not a .png file; pass a name ending in .png")
+
+
+@dataclass
+class PlotConfig:
+    run: str = arg(MISSING, "a run folder of train.py (its TensorBoard events)", "source")
+    output: Optional[str] = arg(None, "the .png file to write (default: RUN/loss.png)", "output")
+
+
+def parse_plot_config(argv=None):
+    """plot.py's command line -> validated PlotConfig. Raises ValueError with a one-line message."""
+    cfg = PlotConfig(**vars(build_parser(PlotConfig, "Plot a run's training and validation loss curves into a PNG.",
+                                         PLOT_EPILOG).parse_args(argv)))
+    check_png(cfg.output, "--output")
     return cfg

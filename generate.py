@@ -4,11 +4,13 @@ Sample text from a model trained with train.py, or from OpenAI's pretrained GPT-
     python generate.py --checkpoint runs/tinyshakespeare-baby --prompt "ROMEO:"
     python generate.py --pretrained gpt2 --prompt "Hello, my name is" --num_samples 3 --top_p 0.9
     python generate.py --checkpoint runs/mine/best.pt --prompt FILE:prompt.txt --output samples.txt
+    python generate.py --checkpoint runs/tinyshakespeare-gpt-micro --prompt "ROMEO:" --attention_map attn.png
 
 All options: `python generate.py --help` (cfg.py). Generation uses a KV cache (--no-kv_cache turns it
 off; the tokens are the same). A model with learned positions attends to the last block_size tokens:
-longer samples slide that window, as rotary models do. Exit codes: 0 done; 2 bad option, prompt or
-checkpoint; 74 --output cannot be written; 130 stopped by Ctrl-C.
+longer samples slide that window, as rotary models do. --attention_map draws every head's attention over
+the prompt (plot.py; needs matplotlib). Exit codes: 0 done; 2 bad option, prompt or checkpoint; 74 --output
+or --attention_map cannot be written; 130 stopped by Ctrl-C.
 """
 
 import os
@@ -17,6 +19,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+import plot
 from cfg import EXIT_ABORTED, EXIT_IO, EXIT_USAGE, parse_sample_config
 from dataset import DataError, GPT2Tokenizer, atomic_write, check_writable, read_text, tokenizer_from_dict
 from gpt import GPT, GPTConfig
@@ -50,6 +53,16 @@ def load_run(source):
         return last, load_checkpoint(last)
 
 
+def from_checkpoint(source):
+    """A checkpoint file or run folder of train.py -> (model in eval mode on the CPU, tokenizer, where it came from)."""
+    path, ckpt = load_run(source)
+    model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    described = f"{path} (step {ckpt['step']}, best val loss {ckpt['best_val_loss']:.4f})" if "step" in ckpt else path
+    return model.eval(), tokenizer, described
+
+
 def load_model(cfg):
     """-> (model in eval mode on cfg.device, tokenizer, where it came from)."""
     if cfg.pretrained:
@@ -58,11 +71,7 @@ def load_model(cfg):
         tokenizer = GPT2Tokenizer(folder)
         source = folder
     else:
-        path, ckpt = load_run(cfg.checkpoint)
-        model = GPT(GPTConfig.from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
-        tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
-        source = f"{path} (step {ckpt['step']}, best val loss {ckpt['best_val_loss']:.4f})" if "step" in ckpt else path
+        model, tokenizer, source = from_checkpoint(cfg.checkpoint)
     if cfg.top_k is not None and cfg.top_k > tokenizer.vocab_size:
         raise DataError(f"--top_k {cfg.top_k} is more than the model's vocabulary of {tokenizer.vocab_size} tokens; "
                         f"pass at most {tokenizer.vocab_size}, or leave it out to sample from all of them")
@@ -70,12 +79,12 @@ def load_model(cfg):
     return model.to(device=cfg.device, dtype=dtype).eval(), tokenizer, source
 
 
-def check_output(path):
-    """Before sampling: --output can be written (its folder, made when missing, takes a new file)."""
+def check_output(path, option="--output"):
+    """Before sampling: an output file can be written (its folder, made when missing, takes a new file)."""
     try:
         check_writable(os.path.dirname(os.path.abspath(path)))
     except OSError as e:
-        raise OutputError(f"cannot write --output {path}: {e.strerror}; pass a path in a folder you can write to")
+        raise OutputError(f"cannot write {option} {path}: {e.strerror}; pass a path in a folder you can write to")
 
 
 def prompt_text(cfg, tokenizer):
@@ -105,12 +114,22 @@ def generate(argv):
         cfg = parse_sample_config(argv)
         if cfg.output:
             check_output(cfg.output)
+        if cfg.attention_map:
+            check_output(cfg.attention_map, "--attention_map")
+            plot.require_matplotlib()
         model, tokenizer, source = load_model(cfg)
         is_gpt2 = isinstance(tokenizer, GPT2Tokenizer)
         prompt = prompt_text(cfg, tokenizer)
         ids = tokenizer.encode(prompt)
     except ValueError as e:  # DataError and GPTConfig's errors are ValueErrors
         return error(e, EXIT_IO if isinstance(e, OutputError) else EXIT_USAGE)
+    if cfg.attention_map:
+        try:
+            plot.save(plot.attention_map(model, tokenizer, ids), cfg.attention_map)
+        except OSError as e:
+            return error(f"cannot write --attention_map {cfg.attention_map}: {e.strerror}; pass a path in a folder "
+                         f"you can write to", EXIT_IO)
+        print(f"wrote every head's attention over the prompt to {cfg.attention_map}", file=sys.stderr)
     print(f"sampling from {source}", file=sys.stderr)
     stop = tokenizer.eot_token if is_gpt2 and cfg.stop_at_eot else None
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)

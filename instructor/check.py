@@ -6,8 +6,8 @@
   2. the release imports, and every graded test that covers a region fails there with the TODO[id]
      message of one of its regions (a test that covers none must pass: no student could fix it);
   3. coverage: with any one region alone replaced by its stub, at least one graded test fails;
-  4. no line of solution code appears in the release, and no released .py file mentions the solution
-     markers or the instructor;
+  4. no line of solution code appears in the release (a notebook's cells included), no released .py
+     file or notebook mentions the solution markers or the instructor, and notebooks carry no outputs;
   5. unittests_ref.pt was generated from the current gpt.py;
   6. the tests tell right from wrong: every realistic mistake of instructor/mistakes.py loses points
      and every valid alternative there keeps full marks.
@@ -132,15 +132,23 @@ def searchable(line):
     return code if len(code) >= 12 and not code.startswith("#") and not code.endswith(":") else None
 
 
+def released_lines(path, data):
+    """[(where, line)] of a released text file; a notebook's lines are its cells' sources (its JSON escapes them)."""
+    text = data.decode("utf-8")
+    if not path.endswith(".ipynb"):
+        return [(f"{path}:{n}", line) for n, line in enumerate(text.splitlines(), start=1)]
+    return [(f"{path} cell {c} line {n}", line) for c, cell in enumerate(json.loads(text)["cells"], start=1)
+            for n, line in enumerate("".join(cell["source"]).splitlines(), start=1)]
+
+
 def leaks(found, student):
     """-> (problems, number of lines looked for): solution lines found anywhere in the release's text."""
-    released = []  # (path, line number, collapsed text)
+    released = []  # (where, collapsed text)
     for path, (data, _) in sorted(student.items()):
         try:
-            text = data.decode("utf-8")
+            released += [(where, " ".join(line.split())) for where, line in released_lines(path, data)]
         except UnicodeDecodeError:
             continue  # binary (reference values)
-        released += [(path, n, " ".join(line.split())) for n, line in enumerate(text.splitlines(), start=1)]
     problems, looked_for = [], 0
     for r in found:
         lines = source(r.path).splitlines()
@@ -149,9 +157,9 @@ def leaks(found, student):
             if code is None:
                 continue
             looked_for += 1
-            for path, n, text in released:
+            for where, text in released:
                 if code in text:
-                    problems.append(f"{r.path}:{number} (region {r.id}) is in the release at {path}:{n}: {code}")
+                    problems.append(f"{r.path}:{number} (region {r.id}) is in the release at {where}: {code}")
                     break
     return problems, looked_for
 
@@ -172,15 +180,28 @@ def reference_problems():
 
 
 def mentions(student):
-    """-> problems: lines of the released .py files that speak of the solution markers or the instructor."""
+    """-> problems: lines of the released .py files and notebooks that speak of the solution markers or the
+    instructor."""
     problems = []
     for path, (data, _) in sorted(student.items()):
-        if path.endswith(".py"):
-            for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+        if path.endswith((".py", ".ipynb")):
+            for where, line in released_lines(path, data):
                 found = INSTRUCTOR_ONLY.search(line)
                 if found:
-                    problems.append(f"{path}:{n} in the release mentions {found.group(0)!r}: "
+                    problems.append(f"{where} in the release mentions {found.group(0)!r}: "
                                     f"{' '.join(line.split())[:90]}")
+    return problems
+
+
+def notebook_outputs(student):
+    """-> problems: released notebooks that carry outputs (a traceback there would show solution code)."""
+    problems = []
+    for path, (data, _) in sorted(student.items()):
+        if path.endswith(".ipynb"):
+            cells = [str(n) for n, cell in enumerate(json.loads(data)["cells"], start=1) if cell.get("outputs")]
+            if cells:
+                problems.append(f"{path} holds the outputs of cell(s) {', '.join(cells)}: clear them (Jupyter: Edit > "
+                                f"Clear All Outputs) and commit it")
     return problems
 
 
@@ -432,7 +453,7 @@ def check(file=None):
         release_run = pool.submit(graded_run, pristine, {})
         imported = pool.submit(import_error, os.path.join(tmp, "student"))
         leaked, looked_for = leaks(found, student)  # meanwhile
-        mentioned = mentions(student)
+        mentioned = mentions(student) + notebook_outputs(student)
         stale = reference_problems()
         os.mkdir(os.path.join(tmp, "nothing"))
         grade.prepare(pristine, os.path.join(tmp, "nothing"), os.path.join(tmp, "mutants"))  # the test files
@@ -465,8 +486,9 @@ def check(file=None):
                                                   for r in found})
         ok.append(report(3, f"coverage: each of the {len(found)} regions alone stubbed fails a graded test",
                          uncovered, table))
-        ok.append(report(4, f"no line of solution code in the release ({looked_for} lines looked for), no mention "
-                            f"of the markers or the instructor", leaked + mentioned))
+        ok.append(report(4, f"no line of solution code in the release, notebooks included ({looked_for} lines looked "
+                            f"for), no mention of the markers or the instructor, no notebook outputs",
+                         leaked + mentioned))
         ok.append(report(5, "unittests_ref.pt was generated from the current gpt.py", stale))
         outcomes = []
         for share, future in shares:

@@ -21,10 +21,11 @@ import zipfile
 from instructor import regions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDENT_MODULES = ("gpt.py", "dataset.py", "cfg.py", "train.py", "optim.py", "generate.py", "pretrained.py")  # released when present
+STUDENT_MODULES = ("gpt.py", "dataset.py", "cfg.py", "train.py", "optim.py", "generate.py", "pretrained.py",
+                   "plot.py")  # released when present
 GRADED_FILES = ("unittests.py", "unittests_ref.pt", "conftest.py")  # released and graded as they are
 OTHER_FILES = ("requirements.txt", ".gitignore")
-FOLDERS = ("slurm", "data")  # what git tracks, or would, in them
+FOLDERS = ("slurm", "data", "notebooks")  # what git tracks, or would, in them
 HIDDEN_TESTS = "instructor/hidden_tests.py"  # graded, never released
 GRADER_CODE = tuple(f"instructor/{name}.py" for name in
                     ("__init__", "grade", "runner", "remote", "jail", "jailed", "procs", "wire"))

@@ -154,6 +154,29 @@ def test_check_passes_on_this_repository(capsys):
     assert out.count("\nOK  ") + out.startswith("OK  ") == 6
 
 
+def test_check_finds_solution_code_instructor_notes_and_outputs_in_a_released_notebook():
+    found, student = release.solution_regions(), release.student_files()
+    assert "notebooks/attention.ipynb" in student and "plot.py" in student
+    assert check.leaks(found, student)[0] == [] and check.mentions(student) == []
+    notebook = json.loads(student["notebooks/attention.ipynb"][0])
+    line = next(line for r in found if r.id == "attn_mask" for line in r.code)  # holds quotes, which JSON escapes
+    notebook["cells"].append({"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                              "source": ["x = 1\n", line.strip() + "  # the answer\n"]})
+    notebook["cells"].append({"cell_type": "markdown", "metadata": {}, "source": ["See the instructor's notes."]})
+    cells = len(notebook["cells"])
+    student["notebooks/attention.ipynb"] = (json.dumps(notebook).encode(), 0o644)
+    leaked, _ = check.leaks(found, student)
+    assert len(leaked) == 1 and f"(region attn_mask) is in the release at notebooks/attention.ipynb cell {cells - 1} " \
+                                f"line 2: " in leaked[0], leaked
+    assert check.mentions(student) == [f"notebooks/attention.ipynb cell {cells} line 1 in the release mentions "
+                                       f"'instructor': See the instructor's notes."]
+    assert check.notebook_outputs(student) == []
+    notebook["cells"][cells - 2]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["1\n"]}]
+    student["notebooks/attention.ipynb"] = (json.dumps(notebook).encode(), 0o644)
+    assert check.notebook_outputs(student) == [f"notebooks/attention.ipynb holds the outputs of cell(s) {cells - 1}: "
+                                               f"clear them (Jupyter: Edit > Clear All Outputs) and commit it"]
+
+
 def test_check_catalogue_entries_replace_one_region():
     found = release.solution_regions()
     entries, problems = check.catalogue(found)
