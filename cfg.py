@@ -42,7 +42,7 @@ CPU_QUICK_RUN = ("--model_type gpt-micro --n_layer 3 --n_embd 192 --block_size 9
                  "--eval_interval 1150 --precision bf16 --device cpu")
 CPU_SPEEDRUN = ("--model_type gpt-micro --n_layer 3 --n_embd 192 --block_size 96 --batch_size 16 --dropout 0 "
                 "--no-use_flash_attn --optimizer muon --learning_rate 3e-3 --min_lr 3e-4 --warmup_steps 100 "
-                "--cooldown 0.5 --max_steps 800 --eval_interval 800 --precision bf16 --device cpu")
+                "--cooldown 0.5 --max_steps 760 --eval_interval 760 --precision bf16 --device cpu")
 PRESETS = {
     # the lowest validation loss in ~100 s of 2 cores: Muon, warmup-stable-decay
     "cpu-speedrun": CPU_SPEEDRUN,

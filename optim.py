@@ -50,7 +50,8 @@ def orthogonalize(G, steps=5):
     """U V^T of G = U S V^T, approximately: a quintic Newton-Schulz iteration whose coefficients (Keller
     Jordan's) take every singular value of G / |G| to within ~0.3 of 1 in 5 steps, which is enough. Each step
     is X <- (a + b A + c A^2) X with A = X X^T; A stays a polynomial of the first one, so the iteration runs
-    on the small square A alone and multiplies X once, at the end (a third fewer FLOPs for our matrices)."""
+    on the small square A alone and multiplies X once, at the end (a quarter fewer multiply-adds for our
+    matrices)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.float()  # fp32: bf16 would be 50x slower on CPUs that lack it, and the Gram form wants the precision
     tall = X.size(0) > X.size(1)
