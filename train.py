@@ -394,7 +394,7 @@ class Progress:
 
 
 def build(run, s):
-    """The model (on this process's device), AdamW and the fp16 loss scaler, restored from last.pt when the
+    """The model (on this process's device), the optimizer and the fp16 loss scaler, restored from last.pt when the
     run resumes, and the Progress to continue from."""
     cfg, ckpt = run.cfg, s.ckpt
     random.seed(cfg.seed)
@@ -421,7 +421,7 @@ def open_run_folder(run, s, model):
     """Process 0 checks that the run folder takes the checkpoints (all processes stop together if not), then
     writes config.json and tokenizer.json and opens train.log and TensorBoard's events."""
     cfg = run.cfg
-    # weights, buffers and AdamW's two moments, all in fp32 (estimated: nothing is written yet)
+    # weights, buffers and at most two optimizer moments (AdamW's), all in fp32 (estimated: nothing is written yet)
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     run.on_process_0(lambda: check_run_folder(cfg.out_dir, state_bytes + 8 * model.num_params() + 2 ** 20),
                      "cannot write the run folder")
