@@ -163,7 +163,7 @@ def optimizer_states(ckpt):
     return [s for o in state.get("optimizers", [state]) for s in o["state"].values()]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=pytest.mark.slow)])
 def test_kill_9_then_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tmp_path, optimizer):
     args = ["--max_steps", "200", "--checkpoint_interval", "10", "--eval_interval", "50", "--dropout", "0.1",
             "--optimizer", optimizer]
