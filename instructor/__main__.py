@@ -4,7 +4,7 @@ Instructor commands, run from the repository's root:
     python -m instructor check                      prove the release right (6 steps, OK / FAIL each)
     python -m instructor release                    check, then write dist/student, dist/autograder(.zip)
     python -m instructor grade SUBMISSION [--out results.json] [--timeout 30] [--total-timeout 540]
-                                                    [--jail-user NAME]
+                                                    [--jail-user NAME] [--not-tamper-proof]
     python -m instructor reference                  regenerate unittests_ref.pt from the solution
 
 Exit status: 0 on success, 1 when check fails, 2 on bad input (one line on stderr, no traceback).
@@ -36,7 +36,8 @@ def run_grade(args):
     procs.become_subreaper()  # what a dead runner leaves behind comes to us, to be killed
     with tempfile.TemporaryDirectory(prefix="pristine-") as pristine:
         release.write_tree(release.pristine_files(release.student_files()), pristine)
-        grade.grade(args.submission, pristine, args.out, args.timeout, args.total_timeout, user=args.jail_user)
+        grade.grade(args.submission, pristine, args.out, args.timeout, args.total_timeout, user=args.jail_user,
+                    sealed=args.sealed)
     return 0
 
 

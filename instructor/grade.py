@@ -2,16 +2,17 @@
 Grading: the pristine graded tests run on a submission; points per test; Gradescope's results.json.
 
     python -m instructor.grade SUBMISSION --pristine DIR [--out results.json] [--timeout 30]
-                               [--total-timeout 540] [--jail-user NAME]
+                               [--total-timeout 540] [--jail-user NAME] [--not-tamper-proof]
 
 The autograder bundle calls this; in the instructor's repository use `python -m instructor grade`.
 DIR holds the graders' own copies of the test files (unittests.py, unittests_ref.pt, conftest.py,
-pytest.ini, hidden_tests.py) and the released version of every student module. Intake takes from
+pytest.ini, hidden_tests.py), reference/gpt.py (the solution: the trusted reference that computes the
+expected values at grade time; root's only) and the released version of every student module. Intake takes from
 SUBMISSION (or its single sub-folder) only the student module names, only regular files (no links,
 devices or FIFOs) of at most MAX_FILE bytes; the released module stands in for each one missing.
 
 The tests run in a trusted process (runner.py) that never runs student code: it asks the jail
-(jail.py) for values and checks them itself. It reports each test as it starts and finishes; the
+(jail.py, sealed in a sandbox) for values and checks them itself, on inputs it draws at grade time. It reports each test as it starts and finishes; the
 grader writes a report that fails every test as soon as the tests are collected, then the real one
 once every process of the run is gone. If the trusted process dies or runs out of time, the tests it
 did not finish fail and a new one goes on with the rest.
@@ -21,6 +22,8 @@ import argparse
 import json
 import os
 import pwd
+import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -43,6 +46,8 @@ MAX_FILE = 1 << 20  # bytes of one submitted module
 POLL = 0.05
 LOG_TAIL = 1500  # characters of the runner's own output shown when it dies
 SAME_USER = "same user"  # jail_user value: run student code as this process's user, without a warning
+REFERENCE = os.path.join("reference", "gpt.py")  # in the pristine folder: the trusted reference
+RUNNER_MEMORY = 2 << 30  # bytes of data the trusted process may hold: an answer cannot make it allocate more
 
 
 class GradeError(Exception):
@@ -106,6 +111,11 @@ def prepare(pristine, submission, workdir):
             write_file(os.path.join(workdir, "modules" if name in modules else "tests", name), data)
     for name, data in taken.items():
         write_file(os.path.join(workdir, "modules", name), data)
+    if not os.path.isfile(os.path.join(pristine, REFERENCE)):
+        raise GradeError(f"the pristine folder {pristine} lacks {REFERENCE}, the trusted reference: rebuild the "
+                         f"autograder with python -m instructor release")
+    os.makedirs(os.path.join(workdir, "reference"), mode=0o700)
+    shutil.copyfile(os.path.join(pristine, REFERENCE), os.path.join(workdir, REFERENCE))
     notes = [f"graded from the submission: {', '.join(taken) or 'no file'}"]
     with_todos = [n for n in modules if n not in taken and has_todos(os.path.join(pristine, n))]
     if with_todos:
@@ -168,6 +178,11 @@ def python_env(pythonpath=None, **extra):
     return env
 
 
+def runner_limits():
+    """The trusted process's memory cap (soft: the jail it starts gets a cap of its own)."""
+    resource.setrlimit(resource.RLIMIT_DATA, (RUNNER_MEMORY, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+
 def run_runner(workdir, args, events, log, timeout, deadline, on_collected):
     """One runner on `args`, watched. -> (its events, the test it was stopped in or None, why)."""
     env = python_env(os.path.dirname(HERE))  # the grader's package only
@@ -175,7 +190,7 @@ def run_runner(workdir, args, events, log, timeout, deadline, on_collected):
         log_start = out.tell()
         proc = subprocess.Popen([sys.executable, "-m", "instructor.runner", events.path, *args],
                                 cwd=os.path.join(workdir, "tests"), env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=runner_limits)
     seen, current, since = [], None, time.monotonic()
     while True:
         code = proc.poll()  # polled before reading, so that no event written before an exit is missed
@@ -205,14 +220,16 @@ def run_runner(workdir, args, events, log, timeout, deadline, on_collected):
 
 
 def run_tests(workdir, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, select=None, trace=(), user=SAME_USER,
-              on_collected=lambda tests: None):
+              sealed=None, on_collected=lambda tests: None):
     """Run the tests of workdir/tests (all of TEST_FILES, or the node ids in select) on workdir/modules,
-    student code in a jail run as user (SAME_USER: this process's user); with trace (file names), record
-    the lines each test executes in those files.
+    student code in a jail run as user (SAME_USER: this process's user), sealed in a sandbox (None: when
+    root); with trace (file names), record the lines each test executes in those files.
     -> (tests [{nodeid, points, todo}] in order, {nodeid: {passed, output[, lines]}}, problems [str])"""
     deadline = time.monotonic() + total_timeout
-    options = ["--modules", os.path.join(workdir, "modules"), "--timeout", str(timeout),
-               *(["--user", user] if user != SAME_USER else []),
+    sealed = os.geteuid() == 0 if sealed is None else sealed
+    options = ["--modules", os.path.join(workdir, "modules"), "--reference", os.path.join(workdir, REFERENCE),
+               "--timeout", str(timeout), *(["--user", user] if user != SAME_USER else []),
+               *([] if sealed else ["--unsealed"]),
                *(["--trace", ",".join(trace)] if trace else []), *PYTEST_ARGS]
     tests, results, problems = None, {}, []
     args = select or [n for n in TEST_FILES if os.path.exists(os.path.join(workdir, "tests", n))]
@@ -296,14 +313,15 @@ def print_table(result):
     print(result["output"])
 
 
-def jail_account(user):
-    """Who runs student code: user, `nobody` when root names none, else this user (with a warning)."""
+def jail_account(user, sealed):
+    """Who runs student code: user, `nobody` when root names none, else this user (unsealed only, with a
+    warning)."""
     if os.geteuid() == 0:
         return user or "nobody"
-    if user is None:
+    if user is None and not sealed:
         me = pwd.getpwuid(os.getuid()).pw_name
         print(f"warning: not root, so student code runs as you ({me}): it can read your files and tamper with "
-              f"the grade; grade as root for an unprivileged jail", file=sys.stderr)
+              f"the grade", file=sys.stderr)
         return SAME_USER
     return user
 
@@ -331,20 +349,23 @@ def failed_report(tests, why, notes=(), seconds=0):
     return report(tests, {t["nodeid"]: {"passed": False, "output": why} for t in tests}, list(notes), seconds)
 
 
-def grade(submission, pristine, out=None, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, quiet=False, user=None):
-    """Grade one submission folder against the pristine folder, student code run as user (see jail_account).
-    -> the results.json object (also written to out, last)."""
+def grade(submission, pristine, out=None, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, quiet=False, user=None,
+          sealed=True):
+    """Grade one submission folder against the pristine folder, student code run as user (see jail_account),
+    sealed in a sandbox unless told not to. -> the results.json object (also written to out, last)."""
     if not os.path.isdir(submission):
         raise GradeError(f"submission folder {submission} does not exist or is not a folder")
-    user = jail_account(user)
+    user = jail_account(user, sealed)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="submission-") as workdir:
         notes = prepare(pristine, submission, workdir)
+        if not sealed:
+            notes.append("graded without the sandbox (--not-tamper-proof): this grade is not tamper-proof")
 
         def on_collected(tests):
             if out:
                 write_json(out, failed_report(tests, "not graded: the grader stopped before this test ended", notes))
-        tests, results, problems = run_tests(workdir, timeout, total_timeout, user=user,
+        tests, results, problems = run_tests(workdir, timeout, total_timeout, user=user, sealed=sealed,
                                              on_collected=on_collected)
     result = report(tests, results, notes + problems, time.monotonic() - start)
     if out:
@@ -364,8 +385,8 @@ def collect(pristine):
         with tempfile.TemporaryDirectory(prefix="grader-") as tmp:
             events = Events(os.path.join(tmp, "events.jsonl"))
             files = [n for n in TEST_FILES if os.path.exists(os.path.join(workdir, "tests", n))]
-            seen, _, _ = run_runner(workdir, ["--modules", os.path.join(workdir, "modules"), "--collect-only",
-                                              *PYTEST_ARGS, *files],
+            seen, _, _ = run_runner(workdir, ["--modules", os.path.join(workdir, "modules"), "--reference",
+                                              os.path.join(workdir, REFERENCE), "--collect-only", *PYTEST_ARGS, *files],
                                     events, os.path.join(tmp, "runner.log"), TIMEOUT, time.monotonic() + IDLE_LIMIT,
                                     lambda tests: None)
             return next((e["collected"] for e in seen if "collected" in e), [])
@@ -380,6 +401,9 @@ def add_arguments(parser):
                         help=f"seconds for all tests together (default {TOTAL_TIMEOUT:g})")
     parser.add_argument("--jail-user", help="the unprivileged user that runs student code when grading as root "
                                             "(default: nobody)")
+    parser.add_argument("--not-tamper-proof", dest="sealed", action="store_false",
+                        help="grade even where student code cannot be sealed in a sandbox (not root, no bubblewrap, "
+                             "no namespaces): the submission can then tamper with its grade and others'")
 
 
 def main(argv=None):
@@ -394,7 +418,8 @@ def main(argv=None):
         if args.failed_report is not None:
             write_json(args.out, failed_report(collect(args.pristine), args.failed_report))
         else:
-            grade(args.submission, args.pristine, args.out, args.timeout, args.total_timeout, user=args.jail_user)
+            grade(args.submission, args.pristine, args.out, args.timeout, args.total_timeout, user=args.jail_user,
+                  sealed=args.sealed)
     except GradeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

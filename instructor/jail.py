@@ -1,24 +1,30 @@
 """
 The jail: where student code runs during grading, and nothing else does.
 
-One process per grading run (started again after any anomaly) imports torch and forks a fresh child
-for each test (instructor/jailed.py); the trusted test process talks to that child (instructor/remote.py).
-When the grader is root, the jail runs as an unprivileged user (`nobody` unless told otherwise; the
-grader's own user otherwise, with a warning), in a mount namespace where only the system's folders and
-this Python installation are in sight, with an empty /tmp of its own holding its scratch folder and a
-/proc showing only its own processes (where the kernel allows namespaces; file permissions otherwise).
-It has limits on memory, processes, file size, CPU time and open files, no way back to privileges
-(no_new_privs), and the kernel's OOM killer aims at it first. The trusted process is a child subreaper,
-so every process the jail starts stays its descendant (setsid and double forks included) and
-procs.kill_tree() ends them all after each test.
+Sealed (the default, as root): bubblewrap (`bwrap`) starts the jail process in namespaces of its own:
+a file system made only of the system's folders and this Python installation (read-only), the
+student's modules read-only in /jail and an empty /tmp; its own PID space (it dies with the grader,
+--die-with-parent), its own network (a loopback of its own: no way to the host's ports or abstract
+sockets), IPC and host name; a session of its own (no terminal to write into). It keeps only the
+capabilities it needs to make one more set of namespaces per test (instructor/jailed.py): each test's
+child is process 1 of a new PID space, with a new IPC space, a fresh /tmp, /dev/shm and /proc, as the
+unprivileged jail user, under no_new_privs. When that process 1 ends, the kernel kills every process
+of the test, zombies and their threads included, and takes its System V objects with it: nothing of a
+test outlives it, and no test sees the jail process, another test or another submission.
+
+What no tool does, and is written here: resource limits (memory, processes, file size, CPU time, open
+files; the OOM killer aims at the jail first) and the per-test namespaces. Where bubblewrap is missing
+or the kernel refuses namespaces, grading stops with one line naming what is missing, unless the grader
+is told that the grade need not be tamper-proof (unsealed: the jail runs as the jail user, or as this
+user when not root, and the trusted process kills every process under it after each test).
 """
 
-import ctypes
 import os
 import pwd
 import resource
 import shutil
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -37,13 +43,18 @@ MEMORY = 4 << 30  # bytes of data (heap, anonymous maps) per jail process
 PROCESSES = 128  # processes and threads the jail user may add
 FILE_SIZE = 64 << 20  # bytes of one file the jail writes
 OPEN_FILES = 256
-libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_NO_NEW_PRIVS, CLONE_NEWNS = 38, 0x20000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
+SYSTEM = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/sys")  # read-only in the jail
+MODULES, GRADER = "/jail", "/grader"  # where the student's modules and the jail's own files are in the jail
+CAPABILITIES = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL")  # what the jail process keeps: namespaces per test
+UNSEALED = "--not-tamper-proof"  # the grader's flag that allows grading without the sandbox
 
 
 class JailError(Exception):
     """The jail did not answer properly: this test fails, the grading goes on."""
+
+
+class SealError(JailError):
+    """The sandbox cannot be made here: nothing is graded (unless unsealed is allowed)."""
 
 
 # ----------------------------------------------------------------------------- the jail process
@@ -76,124 +87,118 @@ def task_count(uid):
     return count
 
 
-SYSTEM = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc", "/dev", "/proc", "/sys")
-SCRATCH = ("/tmp", "/dev/shm")  # in the jail: empty, writable, private (the jail's scratch folder put back)
-
-
-def in_sight():
-    """What the jail sees of the file system: the system's folders and those of this Python installation."""
+def python_folders():
+    """The folders of this Python installation (and of its virtual environment) outside the system's folders,
+    outermost only."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable),
              *sysconfig.get_paths().values()}
-    return {os.path.normpath(p) for p in paths} | {os.path.realpath(p) for p in paths} | set(SYSTEM)
+    paths = {q for p in paths if os.path.isdir(p) for q in (os.path.realpath(p), os.path.normpath(p))}
+    outer = sorted(paths | set(SYSTEM))
+    outer = [p for i, p in enumerate(outer) if not any(p.startswith(o + "/") for o in outer[:i])]
+    return [p for p in outer if p not in SYSTEM]
 
 
-def under_scratch(keep):
-    """The kept folders inside /tmp or /dev/shm (e.g. a virtual environment in /tmp), outermost only: they are
-    put back into the jail's own empty /tmp and /dev/shm."""
-    inside = sorted(k for k in keep if os.path.isdir(k) and any(k.startswith(s + "/") for s in SCRATCH))
-    return [k for i, k in enumerate(inside) if not any(k.startswith(o + "/") for o in inside[:i])]
-
-
-def out_of_sight(keep):
-    """The paths to cover so that only keep stays in sight: everything beside the way to a kept path
-    (symbolic links are left: what they point to is covered or kept where it lies)."""
-    out = []
-
-    def walk(folder):
+def blocking_folder(path, uid, gid, roots=("/",)):
+    """The first folder on the way to path (from the root among roots that holds it) that user uid cannot
+    enter, or None."""
+    root = max((r for r in roots if path == r or path.startswith(r.rstrip("/") + "/")), key=len, default="/")
+    folder = root
+    for part in [""] + os.path.relpath(path, root).split(os.sep):
+        folder = os.path.join(folder, part) if part not in ("", ".") else folder
         try:
-            entries = list(os.scandir(folder))
+            info = os.stat(folder)
         except OSError:
-            return
-        for e in entries:
-            if e.path in keep or e.path in SCRATCH or e.is_symlink():
-                continue
-            if any(k.startswith(e.path + "/") for k in keep):
-                if e.is_dir(follow_symlinks=False):
-                    walk(e.path)
-            else:
-                out.append((e.path, e.is_dir(follow_symlinks=False)))
-    walk("/")
-    return out
+            return folder
+        if stat.S_ISDIR(info.st_mode):
+            bit = stat.S_IXUSR if info.st_uid == uid else stat.S_IXGRP if info.st_gid == gid else stat.S_IXOTH
+            if not info.st_mode & bit:
+                return folder
+    return None
 
 
-def mount(source, target, kind, flags, data=None):
-    libc.mount(source and os.fsencode(source), os.fsencode(target), kind and os.fsencode(kind), flags,
-               data and os.fsencode(data))
-
-
-def seclude(covered, put_back):
-    """In a new mount namespace (as root, before dropping privileges): cover every path of covered (folders with
-    an empty read-only tmpfs, files with /dev/null), give the jail its own empty /tmp and /dev/shm with the
-    folders of put_back (its scratch folder, ...) back in place, and show it only its own processes in /proc.
-    Best effort: where the kernel refuses (unprivileged containers), nothing changes and file permissions
-    alone keep things out of sight."""
-    if libc.unshare(CLONE_NEWNS) != 0:
-        return
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    fds = {path: os.open(path, os.O_RDONLY | os.O_DIRECTORY) for path in put_back}
-    for path, is_dir in covered:
-        if is_dir:
-            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0")
-        else:
-            mount("/dev/null", path, None, MS_BIND)
-    for path in SCRATCH:
-        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
-    for path, fd in fds.items():
-        os.makedirs(path, exist_ok=True)
-        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND)
-        os.close(fd)
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
+def bwrap_command(scratch, grader):
+    """The bubblewrap command line that starts the sealed jail process."""
+    command = [shutil.which("bwrap"), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+               "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    for cap in CAPABILITIES:
+        command += ["--cap-add", cap]
+    for path in [p for p in SYSTEM if os.path.exists(p)] + python_folders():
+        parents = [os.path.dirname(path)]
+        while parents[-1] != "/":
+            parents.append(os.path.dirname(parents[-1]))
+        for parent in reversed(parents[:-1]):  # made by bwrap: 0755, not 0700 as it makes them as root
+            command += ["--perms", "0755", "--dir", parent]
+        command += ["--ro-bind", path, path]
+    return command + ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm",
+                      "--ro-bind", scratch, MODULES, "--ro-bind", grader, GRADER, "--chdir", "/tmp"]
 
 
 class Jail:
-    """The jail of one grading run: a scratch folder with the student's modules and a process that forks a
-    child per test. start() again after any anomaly gives a fresh scratch folder and process."""
+    """The jail of one grading run: the student's modules and a process that forks a child per test.
+    start() again after any anomaly gives a fresh process."""
 
-    def __init__(self, modules, user=None, cpu_seconds=600):
-        self.modules, self.cpu_seconds = modules, cpu_seconds
+    def __init__(self, modules, user=None, sealed=True, cpu_seconds=600):
+        self.modules, self.sealed, self.cpu_seconds = modules, sealed, cpu_seconds
         self.uid, self.gid, self.user = jail_user(user)
+        if sealed and os.geteuid() != 0:
+            raise SealError(f"only root can seal student code in a sandbox: grade as root, or pass {UNSEALED} "
+                            f"to grade without one (student code can then tamper with the grade)")
+        if sealed and shutil.which("bwrap") is None:
+            raise SealError(f"bubblewrap (bwrap) is not installed, and it seals student code: apt-get install "
+                            f"bubblewrap, or pass {UNSEALED} to grade without it")
         self.proc = self.control = self.scratch = self.output = None
 
     def preexec(self):
         """In the jail process, between fork and exec (as root when the grader is)."""
         for limit, value in ((resource.RLIMIT_DATA, MEMORY), (resource.RLIMIT_FSIZE, FILE_SIZE),
                              (resource.RLIMIT_CPU, self.cpu_seconds), (resource.RLIMIT_NOFILE, OPEN_FILES),
-                             (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, self.nproc)):
+                             (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(limit, (value, value))
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")  # when memory runs out, the jail goes first
-        if os.geteuid() == 0:
-            seclude(self.covered, [self.scratch, *under_scratch(self.in_sight)])
+        if not self.sealed and os.geteuid() == 0:
             os.setgroups([])
             os.setgid(self.gid)
             os.setuid(self.uid)
-        libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid program gives the privileges back
 
     def start(self):
         self.stop()
-        self.scratch = tempfile.mkdtemp(prefix="jail-", dir="/tmp")
+        self.scratch = tempfile.mkdtemp(prefix="jail-")  # root's: the jail sees it read-only, as /jail
+        try:
+            self.launch()
+        except BaseException:
+            self.stop()
+            raise
+
+    def launch(self):
+        modules, grader = (os.path.join(self.scratch, name) for name in ("modules", "grader"))
+        os.mkdir(modules)
+        os.mkdir(grader)
         for name in os.listdir(self.modules):
-            shutil.copyfile(os.path.join(self.modules, name), os.path.join(self.scratch, name))
+            shutil.copyfile(os.path.join(self.modules, name), os.path.join(modules, name))
         for name in JAIL_FILES:
-            shutil.copyfile(os.path.join(HERE, name), os.path.join(self.scratch, name))
-        for path in [self.scratch] + [os.path.join(self.scratch, n) for n in os.listdir(self.scratch)]:
-            os.chown(path, self.uid, self.gid)
-        self.nproc = task_count(self.uid) + PROCESSES
-        self.in_sight = in_sight()
-        self.covered = out_of_sight(self.in_sight) if os.geteuid() == 0 else []
+            shutil.copyfile(os.path.join(HERE, name), os.path.join(grader, name))
+        for folder in (self.scratch, modules, grader):
+            os.chmod(folder, 0o755)
+        if not self.sealed:  # the tests' scratch folders go next to the modules
+            os.chown(modules, self.uid, self.gid)
+        if self.sealed:
+            command, where = bwrap_command(modules, grader), (MODULES, GRADER)
+        else:
+            command, where = [], (modules, grader)
         ours, theirs = socket.socketpair()
         read_end, write_end = os.pipe()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.scratch, "LANG": "C.UTF-8",
-               "OMP_NUM_THREADS": "1", "TMPDIR": self.scratch}
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", "LANG": "C.UTF-8",
+               "OMP_NUM_THREADS": "1", "TMPDIR": "/tmp"}
+        jailed = [sys.executable, "-I", "-u", "-B", os.path.join(where[1], "jailed.py"), str(theirs.fileno()),
+                  where[0], str(self.uid), str(self.gid), str(task_count(self.uid) + PROCESSES),
+                  "sealed" if self.sealed else "unsealed"]
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-u", "-B", os.path.join(self.scratch, "jailed.py"), str(theirs.fileno())],
-                cwd=self.scratch, env=env, stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
-                pass_fds=(theirs.fileno(),), start_new_session=True, preexec_fn=self.preexec)
+            self.proc = subprocess.Popen(command + jailed, env=env, stdin=subprocess.DEVNULL, stdout=write_end,
+                                         stderr=write_end, pass_fds=(theirs.fileno(),), start_new_session=True,
+                                         preexec_fn=self.preexec, cwd="/" if self.sealed else modules)
         except OSError as e:
-            raise JailError(f"user {self.user} cannot run {sys.executable} ({e.strerror}): grade with a Python "
-                            f"installation that user can read, e.g. a virtual environment outside private home "
-                            f"folders, or name another user with --jail-user") from None
+            raise JailError(f"cannot start the jail: {e.strerror}") from None
         finally:
             theirs.close()
             os.close(write_end)
@@ -204,21 +209,31 @@ class Jail:
         the trusted process prepares its tests meanwhile."""
         if self.ready:
             return
-        ours = self.control
         try:
-            ours.settimeout(START_TIMEOUT)
-            ready = ours.recv(1)
+            self.control.settimeout(START_TIMEOUT)
+            ready = self.control.recv(1)
         except OSError:
             ready = b""
         if ready != b"R":
+            said = self.output.text().strip()
             self.stop()
-            raise JailError(f"the jail could not start python as user {self.user}: "
-                            f"{self.output.text().strip()[-600:] or 'no output'}")
+            raise self.start_error(said)
         self.ready = True
 
-    def secluded(self):
-        """Whether the jail has a mount namespace of its own (False: file permissions alone hide files)."""
-        return os.readlink(f"/proc/{self.proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    def start_error(self, said):
+        """Why the jail did not start, in one line."""
+        sandbox = [line for line in said.splitlines() if line.startswith("bwrap:")]
+        if sandbox:
+            return SealError(f"the sandbox cannot start here ({sandbox[-1]}): the kernel or container refuses "
+                             f"namespaces; grade on a machine that allows them, or pass {UNSEALED} to grade "
+                             f"without the sandbox")
+        blocked = blocking_folder(os.path.realpath(sys.executable), self.uid, self.gid,
+                                  python_folders() if self.sealed else ("/",))
+        if blocked:
+            return JailError(f"user {self.user} cannot run {sys.executable}: it cannot enter {blocked}; grade with "
+                             f"a Python installation that user can read (e.g. a virtual environment made with a "
+                             f"Python outside private home folders), or name another user with --jail-user")
+        return JailError(f"the jail could not start python as user {self.user}: {said[-600:] or 'no output'}")
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -242,10 +257,11 @@ class Jail:
 
     def end_child(self):
         """Kill the current test's child and everything it started. -> its exit code as the jail saw it, or None."""
-        if self.alive():
-            procs.kill_tree(os.getpid(), keep={self.proc.pid})
         try:
-            self.control.settimeout(2)
+            self.control.sendall(b"K")
+            if not self.sealed:  # no PID space of its own: whatever escaped the child is found by walking /proc
+                procs.kill_tree(os.getpid(), keep={self.proc.pid})
+            self.control.settimeout(5)
             return struct.unpack("<i", self.control.recv(4, socket.MSG_WAITALL))[0]
         except (OSError, struct.error):
             self.stop()  # out of step: start afresh for the next test

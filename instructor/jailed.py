@@ -1,16 +1,22 @@
 """
-The jail's side: runs as the unprivileged jail user, in its scratch folder, next to the student's modules.
+The jail's side: the jail process, started by instructor/jail.py (sealed: inside bubblewrap, as root of
+its namespaces; unsealed: as the jail user), with this file and wire.py in a read-only folder of their own.
 
-    python jailed.py CONTROL_FD
+    python jailed.py CONTROL_FD MODULES UID GID NPROC sealed|unsealed
 
-It imports torch once, says "ready" on the control socket, then for each test receives a fresh socket,
-forks a child that serves the grader's requests on it (import a module, read or set an attribute, call,
-index, iterate) and reports the child's exit code when it ends. Student code runs only in those
-children. Nothing here is trusted: the grader checks every answer (instructor/jail.py).
+It imports torch once and says "ready" on the control socket. For each test it receives a fresh socket
+and forks a child that makes a new PID and IPC space (sealed) and forks the test's process: process 1
+of that PID space, with its own /proc, /tmp and /dev/shm, as user UID under no_new_privs, serving the
+grader's requests on the socket (import a student module from MODULES, read or set an attribute, call,
+index, iterate). On "K" from the grader it kills that process, which takes every process of the test
+with it, and reports its exit code. Student code runs only in those processes; nothing here is trusted.
 """
 
+import ctypes
 import importlib
 import os
+import resource
+import signal
 import socket
 import struct
 import sys
@@ -24,7 +30,11 @@ import torch.nn.functional  # noqa: E402,F401 (what the student modules import, 
 
 import wire  # noqa: E402
 
-OWN_FILES = {os.path.join(HERE, name) for name in ("jailed.py", "wire.py")}
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x20000, 0x08000000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+libc = ctypes.CDLL(None, use_errno=True)
+MODULES = os.path.abspath(sys.argv[2]) if __name__ == "__main__" else HERE
 
 
 def forbidding(name):
@@ -81,7 +91,7 @@ class Server:
             return list(obj)
         if op == "mkdtemp":
             import tempfile
-            return tempfile.mkdtemp(dir=HERE)
+            return tempfile.mkdtemp(dir=SCRATCH)
         if op == "trace":
             self.tracer = LineTracer(request["files"])
             return self.tracer.start()
@@ -95,12 +105,8 @@ class Server:
                 request = wire.unpack(wire.recv(self.sock), self.lookup)
             except EOFError:
                 return
-            generators = [v for v in list(request.get("args", ())) + list(request.get("kwargs", {}).values())
-                          if type(v) is torch.Generator]
             try:
-                if request["rng"] is not None:  # else unchanged since the last answer
-                    torch.set_rng_state(request["rng"])
-                before = torch.get_rng_state()
+                torch.set_rng_state(request["rng"])  # the test's: its random draws are ours from here
                 self.forbid(request["forbid"])
                 with torch.set_grad_enabled(request["grad"]):
                     if request["device"] != "cpu":
@@ -108,9 +114,7 @@ class Server:
                             value = self.run(request)
                     else:
                         value = self.run(request)
-                after = torch.get_rng_state()
-                reply = {"ok": value, "rng": None if torch.equal(after, before) else after,
-                         "generators": [g.get_state() for g in generators]}
+                reply = {"ok": value}
             except BaseException as e:  # SystemExit and KeyboardInterrupt from student code too
                 base = next(c for c in type(e).__mro__ if c.__module__ == "builtins")  # DataError -> ValueError
                 reply = {"error": {"type": type(e).__name__[:80], "base": base.__name__, "message": str(e)[:4000],
@@ -129,18 +133,18 @@ class Server:
 def where(error):
     """'gpt.py:212 in forward': the innermost frame of the student's files."""
     frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if f.filename.startswith(HERE) and f.filename not in OWN_FILES]
+              if f.filename.startswith(MODULES + os.sep)]
     if not frames:
         return ""
     f = frames[-1]
-    return f"{os.path.relpath(f.filename, HERE)}:{f.lineno} in {f.name}"
+    return f"{os.path.relpath(f.filename, MODULES)}:{f.lineno} in {f.name}"
 
 
 class LineTracer:
     """The lines executed in some files, through sys.settrace (for `python -m instructor check`)."""
 
     def __init__(self, files):
-        self.files = {os.path.join(HERE, f): f for f in files}
+        self.files = {os.path.join(MODULES, f): f for f in files}
         self.lines = {}
 
     def start(self):
@@ -163,8 +167,59 @@ class LineTracer:
         return on_line
 
 
+def isolate(uid, gid, nproc, sealed):
+    """In the test's process, before any student code: (sealed) process 1 of its PID space gets its own /proc,
+    /tmp and /dev/shm; then it becomes the jail user for good, and dies with its parent."""
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if sealed:
+        if libc.unshare(CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+        libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
+        for path in (b"/tmp", b"/dev/shm"):
+            libc.mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64m,mode=1777")
+        libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)  # every capability goes with it
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid program gives privileges back
+    sys.path.insert(0, MODULES)
+    os.chdir(MODULES)
+
+
+def run_test(sock, control, uid, gid, nproc, sealed):
+    """Fork the test's process (in a new PID and IPC space when sealed). -> (the forked child, the test's pid,
+    a pipe that gives the test's exit code once it ended)."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            control.close()
+            os.close(read_end)
+            if sealed and libc.unshare(CLONE_NEWPID | CLONE_NEWIPC) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWPID | CLONE_NEWIPC)")
+            test = os.fork()
+            if test == 0:
+                os.close(write_end)
+                isolate(uid, gid, nproc, sealed)
+                Server(sock).serve()
+                os._exit(0)
+            sock.close()
+            os.write(write_end, struct.pack("<i", test))
+            _, status = os.waitpid(test, 0)  # process 1 ends only when every process of its PID space has
+            os.write(write_end, struct.pack("<i", os.waitstatus_to_exitcode(status)))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    sock.close()
+    test = os.read(read_end, 4)
+    return child, struct.unpack("<i", test)[0] if len(test) == 4 else None, read_end
+
+
 def main():
     control = socket.socket(fileno=int(sys.argv[1]))
+    uid, gid, nproc, sealed = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "sealed"
     control.sendall(b"R")  # ready: torch imported
     while True:
         try:
@@ -173,17 +228,21 @@ def main():
             return
         if not fds:
             return  # the grader closed the control socket
-        pid = os.fork()
-        if pid == 0:
-            control.close()
+        child, test, codes = run_test(socket.socket(fileno=fds[0]), control, uid, gid, nproc, sealed)
+        end = control.recv(1)  # "K": the test is over
+        if test is not None:
             try:
-                Server(socket.socket(fileno=fds[0])).serve()
-            finally:
-                os._exit(0)
-        os.close(fds[0])
-        _, status = os.waitpid(pid, 0)
-        control.sendall(struct.pack("<i", os.waitstatus_to_exitcode(status)))
+                os.kill(test, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.waitpid(child, 0)
+        code = os.read(codes, 4)
+        os.close(codes)
+        control.sendall(code if len(code) == 4 else struct.pack("<i", -signal.SIGKILL))
+        if not end:
+            return
 
 
 if __name__ == "__main__":
+    SCRATCH = "/tmp" if sys.argv[6] == "sealed" else MODULES
     main()

@@ -28,7 +28,7 @@ OTHER_FILES = ("requirements.txt", ".gitignore")
 FOLDERS = ("slurm", "data", "notebooks")  # what git tracks, or would, in them
 HIDDEN_TESTS = "instructor/hidden_tests.py"  # graded, never released
 GRADER_CODE = tuple(f"instructor/{name}.py" for name in
-                    ("__init__", "grade", "runner", "remote", "jail", "jailed", "procs", "wire"))
+                    ("__init__", "grade", "runner", "remote", "jail", "jailed", "procs", "wire", "make_reference"))
 JAIL_USER = "student-code"  # the unprivileged account setup.sh creates on Gradescope
 OUTPUTS = ("student", "autograder", "autograder.zip")
 TORCH_PIN = "torch==2.13.0"
@@ -176,6 +176,7 @@ def pristine_files(student):
     files = {p: student[p] for p in names}
     if os.path.isfile(os.path.join(ROOT, HIDDEN_TESTS)):
         files["hidden_tests.py"] = (read(HIDDEN_TESTS), 0o644)
+    files["reference/gpt.py"] = (read("gpt.py"), 0o600)  # the trusted reference at grade time, root's only
     return files
 
 

@@ -6,9 +6,10 @@ attributes, calling what they hold, indexing and iterating are requests to the c
 the jail (instructor/jail.py); tensors and plain values come back by value (instructor/wire.py: JSON and
 safetensors, never pickle), everything else stays in the jail and comes back as a Remote handle. Each
 request carries the trusted process's torch RNG state, grad mode, default device and the torch functions
-the test monkeypatched, and the jail's RNG state comes back, so a test runs exactly as it does in-process
-under `pytest unittests.py`. The assertions, reference values and hidden tests never leave the trusted
-process; the jail only answers questions. A late, oversized, malformed or missing answer raises JailError:
+the test monkeypatched; nothing of the jail's state ever comes back (its RNG state included: a test that
+wants the same random draws twice seeds before each call, as it would in-process). The assertions,
+reference values, grade-time inputs and hidden tests never leave the trusted process; the jail only
+answers questions. A late, oversized, malformed or missing answer raises JailError:
 that test fails, its child is killed, and the grading goes on.
 """
 
@@ -45,7 +46,6 @@ class Session:
 
     def __init__(self, jail, sock, deadline):
         self.jail, self.sock, self.deadline, self.dead, self.code = jail, sock, deadline, None, None
-        self.rng = None  # the RNG state the jail holds, as last seen: sent again only when it changed here
 
     def handle(self, value):
         if isinstance(value, Remote):
@@ -63,35 +63,18 @@ class Session:
         __tracebackhide__ = True  # pytest shows the test's line, not the grader's
         if self.dead:
             raise JailError(self.dead)
-        generators = [v for v in list(fields.get("args", ())) + list(fields.get("kwargs", {}).values())
-                      if type(v) is torch.Generator]
-        rng = torch.get_rng_state()
-        unchanged = self.rng is not None and torch.equal(rng, self.rng)
-        message = {"op": op, "target": target, **fields, "rng": None if unchanged else rng,
+        message = {"op": op, "target": target, **fields, "rng": torch.get_rng_state(),
                    "grad": torch.is_grad_enabled(), "device": str(torch.get_default_device()),
                    "forbid": monkeypatched()}
         data = wire.pack(message, self.handle)  # TypeError / WireError: the test's own fault, not the jail's
         try:
             wire.send(self.sock, data)
             reply = wire.unpack(wire.recv(self.sock, self.deadline), self.remote)
-            if type(reply) is not dict:
-                raise wire.WireError("an answer that is not a dict")
-            if "error" in reply:
-                self.rng = None  # not known after a failed call: sent again next time
-                error = remote_error(reply["error"])
-            else:
-                new, states = reply["rng"], reply["generators"]
-                if new is not None:  # the jail drew random numbers: so did this test
-                    if not torch.is_tensor(new) or new.shape != rng.shape or new.dtype != torch.uint8:
-                        raise wire.WireError("a malformed RNG state")
-                    torch.set_rng_state(new)
-                    rng = new
-                self.rng = rng
-                if type(states) is not list or len(states) != len(generators):
-                    raise wire.WireError("malformed generator states")
-                for g, state in zip(generators, states):
-                    g.set_state(state)
+            if type(reply) is not dict or len(reply) != 1:
+                raise wire.WireError("an answer that is not a dict of one entry")
+            if "ok" in reply:
                 return reply["ok"]
+            error = remote_error(reply["error"])
         except TimeoutError:
             self.kill("timed out: still running after the test's time limit, stopped")
         except (EOFError, OSError):
