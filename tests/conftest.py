@@ -1,8 +1,10 @@
 """The project's tests come in two sets. `python -m pytest` runs the quick one (about 80 s, installs
 nothing); `python -m pytest --full` (what CI runs) adds the tests marked slow: grading hostile submissions,
 `instructor check`, training end to end with kills, signals, DDP and full disks, and the Slurm integration
-tests, which install Debian's slurm-wlm, munge and shellcheck with apt when they are missing (as root)."""
+tests, which install Debian's slurm-wlm, munge and shellcheck with apt when they are missing (as root); as
+root, it installs bubblewrap first when missing, the sandbox that seals graded student code."""
 
+import os
 import random
 
 import pytest
@@ -18,6 +20,13 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs only with --full (minutes, or installs system packages)")
+
+
+def pytest_sessionstart(session):
+    if session.config.getoption("--full") and os.geteuid() == 0:
+        from slurm_cluster import apt_install
+
+        apt_install(["bubblewrap"], ["bwrap"])
 
 
 def pytest_collection_modifyitems(config, items):
