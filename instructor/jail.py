@@ -183,6 +183,7 @@ class Jail:
         if not self.sealed:  # the tests' scratch folders go next to the modules
             os.chown(modules, self.uid, self.gid)
         if self.sealed:
+            self.check_python()
             command, where = bwrap_command(modules, grader), (MODULES, GRADER)
         else:
             command, where = [], (modules, grader)
@@ -203,6 +204,18 @@ class Jail:
             theirs.close()
             os.close(write_end)
         self.control, self.output, self.ready = ours, Output(read_end), False
+
+    def check_python(self):
+        """The jail user must read this Python installation (the sandbox binds its folders in place, so the
+        folders above them do not matter): else one line naming the folder that blocks it."""
+        roots = [p for p in SYSTEM if os.path.exists(p)] + python_folders()
+        for path in [os.path.realpath(sys.executable)] + [os.path.realpath(p) for p in sysconfig.get_paths().values()
+                                                          if os.path.isdir(p)]:
+            blocked = blocking_folder(path, self.uid, self.gid, roots)
+            if blocked:
+                raise JailError(f"user {self.user} cannot run {sys.executable}: it cannot enter {blocked}; grade "
+                                f"with a Python installation that user can read, or name another user with "
+                                f"--jail-user")
 
     def wait_ready(self):
         """Wait for the jail's "ready" (python started, torch imported): start() returns without waiting so that
@@ -227,8 +240,7 @@ class Jail:
             return SealError(f"the sandbox cannot start here ({sandbox[-1]}): the kernel or container refuses "
                              f"namespaces; grade on a machine that allows them, or pass {UNSEALED} to grade "
                              f"without the sandbox")
-        blocked = blocking_folder(os.path.realpath(sys.executable), self.uid, self.gid,
-                                  python_folders() if self.sealed else ("/",))
+        blocked = None if self.sealed else blocking_folder(os.path.realpath(sys.executable), self.uid, self.gid)
         if blocked:
             return JailError(f"user {self.user} cannot run {sys.executable}: it cannot enter {blocked}; grade with "
                              f"a Python installation that user can read (e.g. a virtual environment made with a "

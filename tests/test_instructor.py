@@ -405,3 +405,73 @@ def test_students_get_the_guides_they_can_use_and_no_pointer_to_what_they_lack(b
     assert not re.search(r"tests/|benchmarks/|instructor", readme), "the students' README points at unreleased files"
     assert (student / "slurm" / "README.md").is_file() and (student / "data" / "README.md").is_file()
     assert not (student / "instructor").exists()
+
+
+# ----------------------------------------------------------------------------- failing closed
+
+def grade_cli(submission, env=None, python=sys.executable, *flags):
+    return subprocess.run([python, "-m", "instructor", "grade", str(submission), *flags], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def needs_root():
+    if os.geteuid() != 0:
+        if os.environ.get("MICROGPT_REQUIRE_ROOT") == "1":
+            pytest.fail("MICROGPT_REQUIRE_ROOT=1 but not root: the sandbox needs root")
+        pytest.skip("not root: the sandbox needs root")
+
+
+def solution_folder(tmp_path):
+    folder = tmp_path / "submission"
+    folder.mkdir()
+    for name in ("gpt.py", "dataset.py"):
+        shutil.copy(os.path.join(ROOT, name), folder / name)
+    return folder
+
+
+@pytest.mark.slow
+def test_grading_without_the_sandbox_stops_in_one_line_unless_told(tmp_path):
+    """Not root, no bwrap, or namespaces refused (a stand-in bwrap says what a refusing kernel makes it say):
+    one line naming what is missing and the flag, exit 2; with --not-tamper-proof the report says so."""
+    submission = solution_folder(tmp_path)
+    if os.geteuid() != 0:
+        proc = grade_cli(submission)
+        assert proc.returncode == 2 and "only root can seal student code" in proc.stderr
+    else:
+        without, refusing = tmp_path / "without", tmp_path / "refusing"
+        for folder in (without, refusing):
+            folder.mkdir()
+            os.symlink(shutil.which("git"), folder / "git")  # the release lists its files with git
+        (refusing / "bwrap").write_text("#!/bin/sh\necho 'bwrap: Creating new namespace failed: Operation not "
+                                        "permitted' >&2\nexit 1\n")
+        (refusing / "bwrap").chmod(0o755)
+        for path, missing in ((without, "bubblewrap (bwrap) is not installed"),
+                              (refusing, "the sandbox cannot start here (bwrap: Creating new namespace failed")):
+            proc = grade_cli(submission, {**os.environ, "PATH": str(path)})
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.startswith(f"error: {missing}") and proc.stderr.count("\n") == 1, proc.stderr
+            assert "--not-tamper-proof" in proc.stderr
+    out = tmp_path / "results.json"
+    proc = grade_cli(submission, None, sys.executable, "--out", str(out), "--not-tamper-proof")
+    result = json.loads(out.read_text())
+    assert proc.returncode == 0 and result["score"] == sum(t["max_score"] for t in result["tests"])
+    assert "this grade is not tamper-proof" in result["output"]
+
+
+@pytest.mark.slow
+def test_a_python_the_jail_user_cannot_read_is_named(tmp_path):
+    """A virtual environment whose folder the jail user cannot enter: the error names that folder (the
+    folders above it do not matter: the sandbox binds the Python installation in place)."""
+    needs_root()
+    private = tmp_path / "private"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(private / "venv")], check=True)
+    site = subprocess.run([str(private / "venv" / "bin" / "python"), "-c", "import sysconfig; "
+                           "print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(site, "grader.pth"), "w") as f:  # this environment's packages, torch among them
+        f.write("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    os.chmod(private / "venv", 0o700)
+    proc = grade_cli(solution_folder(tmp_path), None, str(private / "venv" / "bin" / "python"))
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: user nobody cannot run {private / 'venv' / 'bin' / 'python'}: it cannot enter "
+                           f"{private / 'venv'}; grade with a Python installation that user can read, or name "
+                           f"another user with --jail-user\n")
