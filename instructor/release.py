@@ -38,21 +38,65 @@ INSTRUCTOR_ONLY = "<!-- instructor-only -->"
 INSTRUCTOR_ONLY_END = "<!-- /instructor-only -->"
 
 SETUP_SH = f"""#!/usr/bin/env bash
-# Gradescope runs this once, when it builds the autograder image: the Python dependencies, and the
-# unprivileged account that runs student code (JAIL_USER, default {JAIL_USER}).
-# PyPI's Linux torch is the CUDA build; for the smaller CPU build add
-#   --index-url https://download.pytorch.org/whl/cpu   to the first install.
-set -euo pipefail
-cd "$(dirname "$0")"
-python="${{PYTHON:-python3}}"
-if ! "$python" -m pip --version >/dev/null 2>&1; then
-    apt-get update && apt-get install -y python3 python3-pip
-fi
-"$python" -m pip install --no-cache-dir {TORCH_PIN}
-"$python" -m pip install --no-cache-dir -r requirements.txt
+# Gradescope runs this once, as root, when it builds the autograder image. It makes a virtual environment
+# (VENV, default /opt/micro-gpt-venv: world-readable and outside /autograder and /root, so that the jail user
+# can run its Python; made from the system's python3, which PEP 668 keeps pip out of) holding the CPU build of
+# torch (TORCH, default {TORCH_PIN}, from TORCH_INDEX, default https://download.pytorch.org/whl/cpu: PyPI's
+# is the multi-GB CUDA build) and requirements.txt; installs bubblewrap where `bwrap` is missing; and creates
+# the unprivileged account that runs student code (JAIL_USER, default {JAIL_USER}).
+# PYTHON=/path/to/python installs into that Python instead (nothing is fetched for what it already has).
+set -uo pipefail
+umask 022
+fail() {{ echo "setup.sh: $*" >&2; exit 1; }}
+cd "$(dirname "$0")" || fail "cannot enter the folder of setup.sh"
+venv="${{VENV:-/opt/micro-gpt-venv}}"
+torch="${{TORCH:-{TORCH_PIN}}}"
+index="${{TORCH_INDEX:-https://download.pytorch.org/whl/cpu}}"
 user="${{JAIL_USER:-{JAIL_USER}}}"
+
+apt_install() {{
+    command -v apt-get >/dev/null 2>&1 || fail "$* missing, and no apt-get here to install it: install it by hand"
+    {{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; }} >&2 ||
+        fail "apt-get install $* failed (its output is above)"
+}}
+
+if [ -n "${{PYTHON:-}}" ]; then
+    python="$PYTHON"
+    "$python" -c "" 2>/dev/null || fail "PYTHON=$python does not run"
+else
+    base=/usr/bin/python3
+    if [ ! -x "$base" ]; then
+        base="$(command -v python3 || true)"
+    fi
+    if [ -z "$base" ]; then
+        apt_install python3 python3-venv
+        base=/usr/bin/python3
+    fi
+    if [ ! -x "$venv/bin/python" ]; then
+        if ! "$base" -m venv "$venv" >/dev/null 2>&1; then  # Debian and Ubuntu ship venv's pip apart
+            rm -rf "$venv"
+            apt_install python3-venv
+            "$base" -m venv "$venv" || fail "cannot make a virtual environment in $venv with $base"
+        fi
+    fi
+    python="$venv/bin/python"
+fi
+"$python" -m pip --version >/dev/null 2>&1 || fail "$python has no pip: install it, or name another Python in PYTHON"
+"$python" -m pip install --no-cache-dir --index-url "$index" "$torch" || fail "cannot install $torch from $index"
+"$python" -m pip install --no-cache-dir -r requirements.txt || fail "cannot install requirements.txt into $python"
+"$python" -c "import torch" || fail "$python cannot import torch after the installation"
+if ! command -v bwrap >/dev/null 2>&1; then
+    apt_install bubblewrap
+fi
+command -v bwrap >/dev/null 2>&1 || fail "bubblewrap (bwrap) is still missing after its installation"
 id -u "$user" >/dev/null 2>&1 ||
-    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$user" ||
+    fail "cannot create the jail user $user"
+if [ "$(id -u)" = 0 ] && command -v runuser >/dev/null 2>&1; then
+    (cd / && runuser -u "$user" -- "$python" -c "import torch") >/dev/null 2>&1 ||
+        fail "user $user cannot run $python: keep it where every user can read it (not under /root or a home folder)"
+fi
+echo "setup.sh: ready: $python, $("$python" -c "import torch; print('torch', torch.__version__)"), $(command -v bwrap), user $user"
 """
 
 RUN_AUTOGRADER = f"""#!/usr/bin/env bash
@@ -62,13 +106,18 @@ RUN_AUTOGRADER = f"""#!/usr/bin/env bash
 # Limits: --timeout per test, --total-timeout for all (keep it below the assignment's autograder
 # timeout, 10 minutes by default, so that results.json is always written).
 # To try it elsewhere: AUTOGRADER_DIR (default /autograder, holding source/ and submission/),
-# PYTHON (default python3), JAIL_USER, GRADER_ARGS (replaces the limits below).
+# PYTHON (default the Python of setup.sh's virtual environment, VENV, default /opt/micro-gpt-venv),
+# JAIL_USER, GRADER_ARGS (replaces the limits below).
 set -uo pipefail
 root="${{AUTOGRADER_DIR:-/autograder}}"
-python="${{PYTHON:-python3}}"
+python="${{PYTHON:-${{VENV:-/opt/micro-gpt-venv}}/bin/python}}"
 out="$root/results/results.json"
-cd "$root/source" || exit 1
-mkdir -p "$root/results"
+if ! command -v "$python" >/dev/null 2>&1; then
+    echo "run_autograder: no Python at $python: run setup.sh first, or name one in PYTHON" >&2
+    exit 1
+fi
+cd "$root/source" || {{ echo "run_autograder: no folder $root/source (AUTOGRADER_DIR=$root)" >&2; exit 1; }}
+mkdir -p "$root/results" || {{ echo "run_autograder: cannot make $root/results" >&2; exit 1; }}
 jail=()
 if [ "$(id -u)" = 0 ]; then
     chmod -R go-rwx "$root/source" "$root/submission" "$root/results"
