@@ -298,20 +298,28 @@ def run_mutants(tests_dir, jobs):
 def mutant_worker(spec, out):
     """`python -m instructor.check --mutant-worker JOBS OUT`, run in a folder of graded test files: for each
     job, its modules in a folder of their own, first on sys.path, and pytest on its selected tests, all in
-    this one process; one JSON line per job to OUT: {"job": n, "results": {node id: {passed, output}}}."""
+    this one process, on inputs drawn as the grader draws them; one JSON line per job to OUT:
+    {"job": n, "results": {node id: {passed, output}}}."""
     import gc
     import importlib
 
     import pytest
     import torch
 
+    from instructor.make_reference import GradeTimeInputs
+
     torch.set_num_threads(1)  # as in the grader: tiny tensors, which threads only slow down
+    # the tests' inputs and reference values drawn as when grading; the solution under a private name, by path
+    inputs = GradeTimeInputs(os.path.join(ROOT, "gpt.py"))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]  # no solution in sight
     gc.freeze()  # pytest collects garbage after every session: torch's many objects are spared from then on
 
     class Recorder:
         def __init__(self):
             self.results = {}
+
+        def pytest_collection_finish(self, session):  # the test files are imported: before the first test
+            sys.modules["unittests"].SOURCE = inputs
 
         def pytest_runtest_logreport(self, report):  # as graded: passed if no phase failed or skipped
             if report.when == "call" or not report.passed:

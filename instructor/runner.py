@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import signal
 import sys
 import time
@@ -33,6 +34,7 @@ import pytest
 from instructor import jail, procs  # no torch yet: the jail starts first, while this process imports it
 
 HIDDEN = "hidden_tests.py::"
+TODO = re.compile(r"TODO\[[a-z0-9_]+\]")
 
 OUTPUT_LIMIT = 4000  # characters of failure message and of captured output kept per test
 
@@ -147,8 +149,9 @@ def one_line(error):
     if isinstance(error, (pytest.fail.Exception, jail.JailError)):
         return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     where = getattr(error, "location", None)
-    if where:  # raised in the jail
-        return f"your code raised {type(error).__name__} ({where})"
+    if where:  # raised in the jail: its TODO[id] if it is a stub, nothing else of its message
+        todo = TODO.search(str(error)) if isinstance(error, NotImplementedError) else None
+        return f"your code raised {type(error).__name__}{': ' + todo.group() if todo else ''} ({where})"
     return f"{type(error).__name__} while checking what your code returned"
 
 
