@@ -98,21 +98,17 @@ def python_folders():
     return [p for p in outer if p not in SYSTEM]
 
 
-def blocking_folder(path, uid, gid, roots=("/",)):
-    """The first folder on the way to path (from the root among roots that holds it) that user uid cannot
-    enter, or None."""
-    root = max((r for r in roots if path == r or path.startswith(r.rstrip("/") + "/")), key=len, default="/")
-    folder = root
-    for part in [""] + os.path.relpath(path, root).split(os.sep):
-        folder = os.path.join(folder, part) if part not in ("", ".") else folder
+def blocking_folder(path, uid, gid, root):
+    """The first folder from root down to path that user uid cannot enter, or None."""
+    for folder in [root] + [os.path.join(root, *parts[:i + 1]) for parts in [os.path.relpath(path, root).split(os.sep)]
+                            for i in range(len(parts))]:
         try:
             info = os.stat(folder)
         except OSError:
             return folder
-        if stat.S_ISDIR(info.st_mode):
-            bit = stat.S_IXUSR if info.st_uid == uid else stat.S_IXGRP if info.st_gid == gid else stat.S_IXOTH
-            if not info.st_mode & bit:
-                return folder
+        bit = stat.S_IXUSR if info.st_uid == uid else stat.S_IXGRP if info.st_gid == gid else stat.S_IXOTH
+        if stat.S_ISDIR(info.st_mode) and not info.st_mode & bit:
+            return folder
     return None
 
 
@@ -182,8 +178,8 @@ class Jail:
             os.chmod(folder, 0o755)
         if not self.sealed:  # the tests' scratch folders go next to the modules
             os.chown(modules, self.uid, self.gid)
+        self.check_python()
         if self.sealed:
-            self.check_python()
             command, where = bwrap_command(modules, grader), (MODULES, GRADER)
         else:
             command, where = [], (modules, grader)
@@ -206,12 +202,13 @@ class Jail:
         self.control, self.output, self.ready = ours, Output(read_end), False
 
     def check_python(self):
-        """The jail user must read this Python installation (the sandbox binds its folders in place, so the
-        folders above them do not matter): else one line naming the folder that blocks it."""
-        roots = [p for p in SYSTEM if os.path.exists(p)] + python_folders()
-        for path in [os.path.realpath(sys.executable)] + [os.path.realpath(p) for p in sysconfig.get_paths().values()
-                                                          if os.path.isdir(p)]:
-            blocked = blocking_folder(path, self.uid, self.gid, roots)
+        """The jail user must be able to read this Python installation, or one line names the folder that blocks
+        it (sealed, the sandbox binds the installation's folders in place: the folders above them do not matter)."""
+        roots = [p for p in SYSTEM if os.path.exists(p)] + python_folders() if self.sealed else ["/"]
+        for path in [sys.executable] + [p for p in sysconfig.get_paths().values() if os.path.isdir(p)]:
+            path = os.path.realpath(path)
+            root = max((r for r in roots if path == r or path.startswith(r.rstrip("/") + "/")), key=len, default="/")
+            blocked = blocking_folder(path, self.uid, self.gid, root)
             if blocked:
                 raise JailError(f"user {self.user} cannot run {sys.executable}: it cannot enter {blocked}; grade "
                                 f"with a Python installation that user can read, or name another user with "
@@ -240,11 +237,6 @@ class Jail:
             return SealError(f"the sandbox cannot start here ({sandbox[-1]}): the kernel or container refuses "
                              f"namespaces; grade on a machine that allows them, or pass {UNSEALED} to grade "
                              f"without the sandbox")
-        blocked = None if self.sealed else blocking_folder(os.path.realpath(sys.executable), self.uid, self.gid)
-        if blocked:
-            return JailError(f"user {self.user} cannot run {sys.executable}: it cannot enter {blocked}; grade with "
-                             f"a Python installation that user can read (e.g. a virtual environment made with a "
-                             f"Python outside private home folders), or name another user with --jail-user")
         return JailError(f"the jail could not start python as user {self.user}: {said[-600:] or 'no output'}")
 
     def alive(self):
