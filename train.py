@@ -274,6 +274,12 @@ class Signals:
         self.received.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
+    def over(self):
+        """Training is over: a stop signal now changes nothing (the interpreter's teardown would otherwise restore
+        SIGUSR1's default action, and a time-limit warning arriving then would kill a run that succeeded)."""
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
 
 def check_run_folder(out_dir, checkpoint_bytes):
     """Before anything is written: the run folder can be created and written, and has room for the
@@ -647,6 +653,7 @@ def train(s, signals):
                 names = "/".join(signal.Signals(n).name for n in sorted(set(signals.received))) or "another process"
                 run.log(f"stopped by {names} at step {step}; last.pt written. Run the same command again to resume.")
                 break
+    signals.over()
     if run.master:
         run.writer.close()
         if not stop:

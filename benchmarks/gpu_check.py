@@ -136,7 +136,7 @@ def resume(args, checks, runs, precision, reference):
         if os.path.exists(log) and any(s >= args.steps // 2 for s, *_ in read_log(out_dir)[0]):
             process.send_signal(signal.SIGUSR1)
             break
-        time.sleep(0.2)
+        time.sleep(0.02)  # small runs (the tests' on the CPU) take a fraction of a second for their second half
     _, errors = process.communicate(timeout=3600)
     stopped = re.search(r"stopped by SIGUSR1 at step (\d+)", open(log, encoding="utf-8").read())
     if process.returncode != EXIT_INTERRUPTED or not stopped:

@@ -3,11 +3,12 @@ The jail: where student code runs during grading, and nothing else does.
 
 Sealed (the default, as root): bubblewrap (`bwrap`) starts the jail process in namespaces of its own:
 a file system made only of the system's folders and this Python installation (read-only), the
-student's modules read-only in /jail and an empty /tmp; its own PID space (it dies with the grader,
+student's modules read-only in /jail and an empty /tmp (the grading's own: the hidden tests run last, and
+what they print is never shown); its own PID space (it dies with the grader,
 --die-with-parent), its own network (a loopback of its own: no way to the host's ports or abstract
 sockets), IPC and host name; a session of its own (no terminal to write into). It keeps only the
 capabilities it needs to make one more set of namespaces per test (instructor/jailed.py): each test's
-child is process 1 of a new PID space, with a new IPC space, a fresh /tmp, /dev/shm and /proc, as the
+child is process 1 of a new PID space, with a new IPC space, a fresh /dev/shm and /proc, as the
 unprivileged jail user, under no_new_privs. When that process 1 ends, the kernel kills every process
 of the test, zombies and their threads included, and takes its System V objects with it: nothing of a
 test outlives it, and no test sees the jail process, another test or another submission.
@@ -115,7 +116,8 @@ def blocking_folder(path, uid, gid, root):
 def bwrap_command(scratch, grader):
     """The bubblewrap command line that starts the sealed jail process."""
     command = [shutil.which("bwrap"), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-               "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+               "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+               "--perms", "1777", "--tmpfs", "/tmp"]  # first: a Python installation in /tmp is bound into it
     for cap in CAPABILITIES:
         command += ["--cap-add", cap]
     for path in [p for p in SYSTEM if os.path.exists(p)] + python_folders():
@@ -125,8 +127,8 @@ def bwrap_command(scratch, grader):
         for parent in reversed(parents[:-1]):  # made by bwrap: 0755, not 0700 as it makes them as root
             command += ["--perms", "0755", "--dir", parent]
         command += ["--ro-bind", path, path]
-    return command + ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/dev/shm",
-                      "--ro-bind", scratch, MODULES, "--ro-bind", grader, GRADER, "--chdir", "/tmp"]
+    return command + ["--proc", "/proc", "--dev", "/dev", "--ro-bind", scratch, MODULES, "--ro-bind", grader, GRADER,
+                      "--chdir", "/"]
 
 
 class Jail:
@@ -234,9 +236,8 @@ class Jail:
         """Why the jail did not start, in one line."""
         sandbox = [line for line in said.splitlines() if line.startswith("bwrap:")]
         if sandbox:
-            return SealError(f"the sandbox cannot start here ({sandbox[-1]}): the kernel or container refuses "
-                             f"namespaces; grade on a machine that allows them, or pass {UNSEALED} to grade "
-                             f"without the sandbox")
+            return SealError(f"the sandbox cannot start here ({sandbox[-1]}): grade where bubblewrap can make its "
+                             f"namespaces, or pass {UNSEALED} to grade without the sandbox")
         return JailError(f"the jail could not start python as user {self.user}: {said[-600:] or 'no output'}")
 
     def alive(self):

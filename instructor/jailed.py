@@ -6,7 +6,7 @@ its namespaces; unsealed: as the jail user), with this file and wire.py in a rea
 
 It imports torch once and says "ready" on the control socket. For each test it receives a fresh socket
 and forks a child that makes a new PID and IPC space (sealed) and forks the test's process: process 1
-of that PID space, with its own /proc, /tmp and /dev/shm, as user UID under no_new_privs, serving the
+of that PID space, with its own /proc and /dev/shm, as user UID under no_new_privs, serving the
 grader's requests on the socket (import a student module from MODULES, read or set an attribute, call,
 index, iterate). On "K" from the grader it kills that process, which takes every process of the test
 with it, and reports its exit code. Student code runs only in those processes; nothing here is trusted.
@@ -168,15 +168,14 @@ class LineTracer:
 
 
 def isolate(uid, gid, nproc, sealed):
-    """In the test's process, before any student code: (sealed) process 1 of its PID space gets its own /proc,
-    /tmp and /dev/shm; then it becomes the jail user for good, and dies with its parent."""
+    """In the test's process, before any student code: (sealed) process 1 of its PID space gets its own /proc
+    and /dev/shm; then it becomes the jail user for good, and dies with its parent."""
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if sealed:
         if libc.unshare(CLONE_NEWNS) != 0:
             raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
         libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)
-        for path in (b"/tmp", b"/dev/shm"):
-            libc.mount(b"tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64m,mode=1777")
+        libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64m,mode=1777")
         libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     if os.geteuid() == 0:
         os.setgroups([])
