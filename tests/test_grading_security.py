@@ -35,10 +35,12 @@ from test_instructor import assert_gradescope_format
 
 ROOT = release.ROOT
 TIMEOUT = 10.0  # per test: the one hang below costs this much
-# the cases whose attack depends on the layout around the grader (paths, parents, results folder) are graded
-# both ways; the others (the same code in the same jail either way) only through `instructor grade`
+# graded both ways: the cases whose attack depends on the layout around the grader (paths, parents, results
+# folder) and those that reach past their own grading (network, IPC, processes, ptrace, replayed answers, what
+# flows back); the others (the same code in the same jail either way) only through `instructor grade`
 BOTH_WAYS = ("forged_files", "detached_rewriter", "kills_its_parents", "exits_at_import", "fork_bomb",
-             "reads_the_solution", "reads_the_hidden_tests")
+             "reads_the_solution", "reads_the_hidden_tests", "replay", "rng_state_sent_back", "zombie_leader",
+             "loopback_sockets", "sysv_and_posix_ipc", "ptrace", "hidden_traceback", "huge_ids")
 PWNED = "/tmp/micro-gpt-zoo-pwned"  # what an unpickled answer would create
 SLEEP_MARK = "9773"  # `sleep 9773`: the processes the fork bomb starts
 HOSTILE_MARK = "# --- hostile ---"  # in every hostile module: the attackers below spare each other, not the honest
