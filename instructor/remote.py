@@ -48,11 +48,16 @@ class Session:
         self.jail, self.sock, self.deadline, self.dead, self.code = jail, sock, deadline, None, None
 
     def handle(self, value):
+        if isinstance(value, RemoteTensor):  # the jail's own tensor goes back as itself
+            value = value.remote
         if isinstance(value, Remote):
             if object.__getattribute__(value, "_session") is not self:
                 raise TypeError("an object of your code from another test")
             return {"handle": object.__getattribute__(value, "_handle")}
         raise TypeError(f"a {type(value).__name__} cannot be passed to your code")
+
+    def tracked(self, value, remote):
+        return RemoteTensor.of(value, remote)
 
     def remote(self, h):
         if type(h.get("handle")) is not int or len(h) != 2 or type(h.get("type")) is not str:
@@ -69,12 +74,13 @@ class Session:
         data = wire.pack(message, self.handle)  # TypeError / WireError: the test's own fault, not the jail's
         try:
             wire.send(self.sock, data)
-            reply = wire.unpack(wire.recv(self.sock, self.deadline), self.remote)
-            if type(reply) is not dict or len(reply) != 1:
-                raise wire.WireError("an answer that is not a dict of one entry")
-            if "ok" in reply:
-                return reply["ok"]
-            error = remote_error(reply["error"])
+            reply = wire.unpack(wire.recv(self.sock, self.deadline), self.remote, self.tracked)
+            if type(reply) is not dict or set(reply) not in ({"ok", "written"}, {"error"}):
+                raise wire.WireError("an answer that is neither a value nor an error")
+            if "error" in reply:
+                error = remote_error(reply["error"])
+            else:
+                written = in_place_writes(reply["written"], fields.get("args", []), fields.get("kwargs", {}))
         except TimeoutError:
             self.kill("timed out: still running after the test's time limit, stopped")
         except (EOFError, OSError):
@@ -83,7 +89,12 @@ class Session:
             self.kill(f"your code sent an answer that cannot be checked: {e}")
         if self.dead:
             raise JailError(self.dead)
-        raise error
+        if "error" in reply:
+            raise error
+        with torch.no_grad():
+            for original, value in written:  # what your code wrote into the test's tensors, as it would in-process
+                original.copy_(value)
+        return reply["ok"]
 
     def kill(self, why):
         """End the child: nothing it says from now on counts."""
@@ -100,6 +111,25 @@ class Session:
         if not self.dead:
             self.code = self.jail.end_child()
         return self.jail.printed()
+
+
+def in_place_writes(written, args, kwargs):
+    """[(the test's tensor, the value the call left in it)] from the jail's [position, value] list, each checked:
+    a tensor argument at that position, of the same shape and dtype."""
+    if type(written) is not list:
+        raise wire.WireError("malformed in-place writes")
+    pairs = []
+    for entry in written:
+        if type(entry) is not list or len(entry) != 2 or type(entry[0]) not in (int, str):
+            raise wire.WireError("malformed in-place writes")
+        at, value = entry
+        original = (args[at] if type(at) is int and 0 <= at < len(args) else
+                    kwargs.get(at) if type(at) is str else None)
+        if not torch.is_tensor(original) or not torch.is_tensor(value) or value.shape != original.shape \
+                or value.dtype != original.dtype:
+            raise wire.WireError("an in-place write that does not fit the argument")
+        pairs.append((original, value))
+    return pairs
 
 
 def describe(code):
@@ -166,6 +196,28 @@ class Remote:
 
     def __repr__(self):
         return f"<{object.__getattribute__(self, '_type')} object of your code>"
+
+
+class RemoteTensor(torch.Tensor):
+    """A tensor with a graph in the jail (a loss, a parameter): its value here, torch's operations on it give plain
+    tensors, and backward() and .grad act on the original there."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def of(value, remote):
+        tensor = torch.Tensor._make_subclass(RemoteTensor, value)
+        tensor.remote = remote
+        return tensor
+
+    def backward(self, *args, **kwargs):
+        __tracebackhide__ = True
+        return self.remote.backward(*args, **kwargs)
+
+    @property
+    def grad(self):
+        __tracebackhide__ = True
+        return self.remote.grad
 
 
 class RemoteModule(types.ModuleType):

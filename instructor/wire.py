@@ -4,7 +4,9 @@ What travels between the grader and the jail (the process running student code),
 A message is one frame: an 8-byte length, then a 4-byte header length, a JSON header and a safetensors
 blob holding the tensors the header names. Values that travel: None, bool, int, float (inf and nan too),
 str, list, tuple, dict with str keys, tensors, dtypes, devices, slices, `...`, paths (as str) and torch
-Generators (their state). Anything else stays where it was made and travels as a handle, {"handle": id}.
+Generators (their state). Anything else stays where it was made and travels as a handle, {"handle": id};
+a tensor with a graph where it was made (a loss, a parameter) travels as its value and a handle,
+{"tracked": [value, handle]}, so that backward() and .grad can reach the original.
 Decoding runs no code from the message: json.loads, safetensors, and a fixed set of tags; a frame that is
 too large, too deep or malformed raises WireError. This file is copied into the jail, which uses it too.
 """
@@ -31,8 +33,9 @@ class WireError(Exception):
     """A message that cannot be sent or that is not a well-formed answer."""
 
 
-def pack(value, handle):
-    """value -> bytes; handle(obj) -> a JSON-able handle for what is not a plain value (or raises WireError)."""
+def pack(value, handle, track=False):
+    """value -> bytes; handle(obj) -> a JSON-able handle for what is not a plain value (or raises WireError);
+    track: tensors that require grad travel with a handle too."""
     tensors = {}
 
     def tensor(t):
@@ -56,6 +59,8 @@ def pack(value, handle):
                 return {"meta": list(v.shape), "dtype": str(v.dtype)}
             if str(v.dtype) not in DTYPES:
                 raise WireError(f"tensors of {v.dtype} do not travel")
+            if track and v.requires_grad:
+                return {"tracked": [tensor(v), handle(v)]}
             return {"tensor": tensor(v)}
         if isinstance(v, torch.dtype):
             return {"dtype": str(v)}
@@ -76,8 +81,9 @@ def pack(value, handle):
     return struct.pack("<I", len(header)) + header + blob
 
 
-def unpack(data, handle):
-    """bytes -> value; handle(dict) -> the object a handle names. Raises WireError on anything malformed."""
+def unpack(data, handle, tracked=None):
+    """bytes -> value; handle(dict) -> the object a handle names; tracked(tensor, handle) -> what a tracked
+    tensor becomes (None: tracked tensors are refused). Raises WireError on anything malformed."""
     try:
         (size,) = struct.unpack("<I", data[:4])
         if size > MAX_HEADER or 4 + size > len(data):
@@ -116,6 +122,8 @@ def unpack(data, handle):
             return float(arg)
         if tag == "tensor":
             return tensor(arg)
+        if tag == "tracked" and tracked is not None and type(arg) is list and len(arg) == 2 and type(arg[1]) is dict:
+            return tracked(tensor(arg[0]), handle(arg[1]))
         if (tag == "meta" and type(arg) is list and all(type(n) is int and n >= 0 for n in arg)
                 and v.get("dtype") in DTYPES):
             return torch.empty(arg, dtype=DTYPES[v["dtype"]], device="meta")
