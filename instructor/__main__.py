@@ -1,7 +1,7 @@
 """
 Instructor commands, run from the repository's root:
 
-    python -m instructor check                      prove the release right (6 steps, OK / FAIL each)
+    python -m instructor check                      prove the release right (7 steps, OK / FAIL each)
     python -m instructor release                    check, then write dist/student, dist/autograder(.zip)
     python -m instructor grade SUBMISSION [--out results.json] [--timeout 30] [--total-timeout 540]
                                                     [--jail-user NAME] [--not-tamper-proof]

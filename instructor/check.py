@@ -10,20 +10,21 @@
      file or notebook mentions the solution markers or the instructor, and notebooks carry no outputs;
   5. unittests_ref.pt was generated from the current gpt.py;
   6. the tests tell right from wrong: every realistic mistake of instructor/mistakes.py loses points
-     and every valid alternative there keeps full marks.
+     and every valid alternative there keeps full marks;
+  7. grading and a student's own `pytest unittests.py` agree: for every catalogue entry, each public test
+     that executes its region gives the same verdict both ways.
 
 Steps 1-3 grade a release built in a temporary folder with the grader's own machinery. The solution
 run records the lines each test executes, so that each region's stub runs only against the tests that
 execute the region (a test that never reaches a region cannot notice its stub); the runs go in parallel,
 one per CPU core.
 
-Step 6 replaces one region's solution code by a catalogue entry and runs, again, only the graded tests
-that execute that region. A graded run costs about 4.5 s of CPU before its first test (the runner and
-the jail each start Python and torch), which for some 120 entries would be minutes; so the entries run
-one after another in a few plain pytest processes on the graders' own test files (no jail: the code is
-the instructor's), each of them importing torch and pytest once. Every alternative is also graded by
-the grader itself, all alternatives of different regions at once (a few graded runs), so that the real
-grader is seen to give them full marks too.
+Steps 6 and 7 replace one region's solution code by a catalogue entry and run, again, only the graded
+tests that execute that region, both ways: as a student runs them (stored inputs, in-process: a few plain
+pytest processes each run many entries one after another, importing torch and pytest once) and as the
+grader grades them (inputs drawn at grade time, the jail): each mistake on its own, the alternatives of
+different regions together (a few graded runs). A mistake must lose points when graded; an alternative must
+keep full marks both ways; and every public test must give the same verdict both ways.
 """
 
 import concurrent.futures
@@ -298,28 +299,21 @@ def run_mutants(tests_dir, jobs):
 def mutant_worker(spec, out):
     """`python -m instructor.check --mutant-worker JOBS OUT`, run in a folder of graded test files: for each
     job, its modules in a folder of their own, first on sys.path, and pytest on its selected tests, all in
-    this one process, on inputs drawn as the grader draws them; one JSON line per job to OUT:
-    {"job": n, "results": {node id: {passed, output}}}."""
+    this one process, on the stored inputs, as a student's `pytest unittests.py` runs them; one JSON line per
+    job to OUT: {"job": n, "results": {node id: {passed, output}}}."""
     import gc
     import importlib
 
     import pytest
     import torch
 
-    from instructor.make_reference import GradeTimeInputs
-
     torch.set_num_threads(1)  # as in the grader: tiny tensors, which threads only slow down
-    # the tests' inputs and reference values drawn as when grading; the solution under a private name, by path
-    inputs = GradeTimeInputs(os.path.join(ROOT, "gpt.py"))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]  # no solution in sight
     gc.freeze()  # pytest collects garbage after every session: torch's many objects are spared from then on
 
     class Recorder:
         def __init__(self):
             self.results = {}
-
-        def pytest_collection_finish(self, session):  # the test files are imported: before the first test
-            sys.modules["unittests"].SOURCE = inputs
 
         def pytest_runtest_logreport(self, report):  # as graded: passed if no phase failed or skipped
             if report.when == "call" or not report.passed:
@@ -383,22 +377,26 @@ def together(mutants):
 
 
 def mutation_table(found, outcomes, points, executed_by, graded_together):
-    """-> (table lines, problems). outcomes: [(mutant, select, results or None, error)]; graded_together:
-    [(alternatives, grade.run_tests' triple)], the alternatives of each graded at once by the grader."""
-    lines, problems = [], []
+    """-> (table lines, problems, disagreements). outcomes: [(mutant, select, local results or None, error,
+    graded results or None)]: each mistake graded alone; graded_together: [(alternatives, grade.run_tests'
+    triple)], the alternatives of each graded at once by the grader."""
+    lines, problems, disagreements = [], [], []
     width = max(len(r.id) for r in found)
     where = max(len(f"{r.path}:{r.start}") for r in found)
     verdicts = {r.id: {"mistake": [], "alternative": []} for r in found}  # True: caught / kept
     broken = set()  # (region, what) of the alternatives that lose points
-    for m, select, results, error in outcomes:
+    together = {(m.region, m.what): results for members, (_, results, _) in graded_together for m in members}
+    for m, select, results, error, graded in outcomes:
         tally = verdicts[m.region][m.kind]
-        missing = [nodeid for nodeid in select if results is None or nodeid not in results]
+        graded = graded if m.kind == "mistake" else together.get((m.region, m.what))
+        missing = [nodeid for nodeid in select if results is None or nodeid not in results
+                   or graded is None or nodeid not in graded]
         if missing:
             tally.append(False)
             problems.append(f"{m.kind} {m.region} ({m.what}): {len(missing)} of the {len(select)} graded tests that "
                             f"execute it did not run ({error or 'not collected'})")
             continue
-        failing = [nodeid for nodeid in select if not results[nodeid]["passed"]]
+        failing = [nodeid for nodeid in select if not graded[nodeid]["passed"]]
         if m.kind == "mistake":
             tally.append(any(points.get(nodeid) for nodeid in failing))
             if not tally[-1]:
@@ -408,13 +406,20 @@ def mutation_table(found, outcomes, points, executed_by, graded_together):
                      f"the {len(select)} graded tests that execute it pass")
                     + (" or fail for no points" if failing else "")) + ")")
         else:
+            failing += [nodeid for nodeid in select if not results[nodeid]["passed"] and nodeid not in failing]
             tally.append(not failing)
             if failing:
                 broken.add((m.region, m.what))
                 first = failing[0]
                 problems.append(f"alternative loses points: {m.region}: {m.what}: {len(failing)} of the {len(select)} "
                                 f"graded tests that execute it fail, e.g. {first.partition('::')[2]}: "
-                                f"{grade.reason(results[first]['output'])}")
+                                f"{grade.reason((results if not results[first]['passed'] else graded)[first]['output'])}")
+        for nodeid in select:
+            if nodeid.startswith(grade.TEST_FILES[0]) and results[nodeid]["passed"] != graded[nodeid]["passed"]:
+                local = "passes" if results[nodeid]["passed"] else "fails"
+                why = grade.reason((graded if results[nodeid]["passed"] else results)[nodeid]["output"])
+                disagreements.append(f"{m.kind} {m.region} ({m.what}): {nodeid.partition('::')[2]} {local} in "
+                                     f"pytest unittests.py but not when graded: {why}")
     for r in found:
         caught, kept = verdicts[r.id]["mistake"], verdicts[r.id]["alternative"]
         lines.append(f"{r.id:<{width}}  {f'{r.path}:{r.start}':<{where}}  mistakes caught "
@@ -432,11 +437,11 @@ def mutation_table(found, outcomes, points, executed_by, graded_together):
                             f"{len(unexplained)} of {len(tests)} tests fail, e.g. {first.partition('::')[2]}: "
                             f"{grade.reason(results[first]['output'])}; it executes "
                             f"{'; '.join(f'{m.region} ({m.what})' for m in suspects[first]) or 'none of them'}")
-    return lines, problems
+    return lines, problems, disagreements
 
 
 def check(file=None):
-    """Run the six steps, printing an OK / FAIL line for each (to file, default stdout). -> True if all pass."""
+    """Run the seven steps, printing an OK / FAIL line for each (to file, default stdout). -> True if all pass."""
     start, file = time.monotonic(), file or sys.stdout
 
     def report(number, title, problems, details=()):
@@ -472,6 +477,9 @@ def check(file=None):
         # the longest runs first: the catalogue's entries, then its alternatives graded together, then the stubs
         shares = [(share, pool.submit(run_mutants, os.path.join(tmp, "mutants", "tests"), [job for _, job in share]))
                   for share in mutant_shares(entries, solution, selections)]
+        graded_alone = {(m.region, m.what): pool.submit(graded_run, pristine, applied(solution, [m]),
+                                                        selections[m.region])
+                        for m in entries if m.kind == "mistake" and selections[m.region]}
         graded_together = []
         for members in together(entries):
             select = sorted(set().union(*(selections[m.region] for m in members)), key=order.get)
@@ -501,13 +509,16 @@ def check(file=None):
         outcomes = []
         for share, future in shares:
             results, error = future.result()
-            outcomes += [(m, job["select"], result, error) for (m, job), result in zip(share, results)]
-        outcomes += [(m, [], {}, None) for m in entries if not selections[m.region]]
-        table, wrong = mutation_table(found, outcomes, points, selections,
-                                      [(members, future.result()) for members, future in graded_together])
+            outcomes += [(m, job["select"], result, error, graded_alone[m.region, m.what].result()[1]
+                          if m.kind == "mistake" else None) for (m, job), result in zip(share, results)]
+        outcomes += [(m, [], {}, None, {}) for m in entries if not selections[m.region]]
+        table, wrong, disagreements = mutation_table(found, outcomes, points, selections,
+                                                     [(members, future.result()) for members, future in graded_together])
     number = {kind: sum(m.kind == kind for m in entries) for kind in ("mistake", "alternative")}
     ok.append(report(6, f"the tests tell right from wrong: each of {number['mistake']} mistakes loses points, each of "
                         f"{number['alternative']} alternatives keeps full marks", wrong_entries + wrong, table))
+    ok.append(report(7, f"grading and pytest unittests.py agree on every public test, for each of the {len(entries)} "
+                        f"catalogue entries", disagreements))
     print(f"check {'passed' if all(ok) else 'FAILED'} in {time.monotonic() - start:.0f} s", file=file)
     return all(ok)
 

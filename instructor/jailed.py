@@ -112,7 +112,8 @@ class Server:
             except EOFError:
                 return
             try:
-                torch.set_rng_state(request["rng"])  # the test's: its random draws are ours from here
+                if request["rng"] is not None:  # the test drew or seeded: its stream is ours from here
+                    torch.set_rng_state(request["rng"])
                 self.forbid(request["forbid"])
                 with torch.set_grad_enabled(request["grad"]):
                     if request["device"] != "cpu":

@@ -5,9 +5,10 @@ The trusted side of the trust boundary: the student modules as the graded tests 
 attributes, calling what they hold, indexing and iterating are requests to the current test's child in
 the jail (instructor/jail.py); tensors and plain values come back by value (instructor/wire.py: JSON and
 safetensors, never pickle), everything else stays in the jail and comes back as a Remote handle. Each
-request carries the trusted process's torch RNG state, grad mode, default device and the torch functions
-the test monkeypatched; nothing of the jail's state ever comes back (its RNG state included: a test that
-wants the same random draws twice seeds before each call, as it would in-process). The assertions,
+request carries the trusted process's grad mode, default device and the torch functions the test
+monkeypatched, and its torch RNG state whenever the test changed it (drew or seeded) since the last
+request: otherwise the jail's own stream goes on, as it would in-process. Nothing of the jail's state ever
+comes back. A call's in-place writes to the test's tensors are mirrored into them. The assertions,
 reference values, grade-time inputs and hidden tests never leave the trusted process; the jail only
 answers questions. A late, oversized, malformed or missing answer raises JailError:
 that test fails, its child is killed, and the grading goes on.
@@ -38,14 +39,25 @@ def monkeypatched():
             for name, original in originals.items() if getattr(module, name, original) is not original]
 
 
+def manual_seed(seed, _seed=torch.manual_seed):
+    """torch.manual_seed in the trusted process: the next request sends the RNG state even when it equals the
+    one sent last (the jail's stream went on from there)."""
+    Session.reseeded = True
+    return _seed(seed)
+
+
+torch.manual_seed = manual_seed
 ORIGINALS = [(m, {n: v for n, v in vars(m).items() if callable(v) and not n.startswith("_")}) for m in WATCHED]
 
 
 class Session:
     """One test's child in the jail."""
 
+    reseeded = False  # torch.manual_seed was called since the last request
+
     def __init__(self, jail, sock, deadline):
         self.jail, self.sock, self.deadline, self.dead, self.code = jail, sock, deadline, None, None
+        self.sent = None  # the RNG state sent last: the jail's stream went on from it
 
     def handle(self, value):
         if isinstance(value, RemoteTensor):  # the jail's own tensor goes back as itself
@@ -68,9 +80,13 @@ class Session:
         __tracebackhide__ = True  # pytest shows the test's line, not the grader's
         if self.dead:
             raise JailError(self.dead)
-        message = {"op": op, "target": target, **fields, "rng": torch.get_rng_state(),
-                   "grad": torch.is_grad_enabled(), "device": str(torch.get_default_device()),
-                   "forbid": monkeypatched()}
+        rng = torch.get_rng_state()
+        if Session.reseeded or self.sent is None or not torch.equal(rng, self.sent):
+            self.sent, Session.reseeded = rng, False
+        else:
+            rng = None  # unchanged here: the jail's stream goes on
+        message = {"op": op, "target": target, **fields, "rng": rng, "grad": torch.is_grad_enabled(),
+                   "device": str(torch.get_default_device()), "forbid": monkeypatched()}
         data = wire.pack(message, self.handle)  # TypeError / WireError: the test's own fault, not the jail's
         try:
             wire.send(self.sock, data)
@@ -218,6 +234,10 @@ class RemoteTensor(torch.Tensor):
     def grad(self):
         __tracebackhide__ = True
         return self.remote.grad
+
+    @property
+    def requires_grad(self):
+        return True  # only such tensors come back tracked
 
 
 class RemoteModule(types.ModuleType):
