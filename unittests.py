@@ -186,10 +186,10 @@ def ref_model(ref, abs_emb=False):
 
 # ----------------------------------------------------------------------------- the model with torch alone
 
-def rotate(t, base=10000.0):
-    """Rotary embedding of t (B, nh, T, hs) at positions 0..T-1, half-split pairs."""
+def rotate(t, base=10000.0, start=0):
+    """Rotary embedding of t (B, nh, T, hs) at positions start..start+T-1, half-split pairs."""
     hs, T = t.size(-1), t.size(-2)
-    angles = torch.outer(torch.arange(T).float(), base ** (-torch.arange(0, hs, 2).float() / hs))  # (T, hs/2)
+    angles = torch.outer(torch.arange(start, start + T).float(), base ** (-torch.arange(0, hs, 2).float() / hs))
     t1, t2 = t.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     return torch.cat((t1 * angles.cos() - t2 * angles.sin(), t1 * angles.sin() + t2 * angles.cos()), dim=-1)
 
@@ -201,38 +201,52 @@ def heads(x, weights, n_head, prefix=""):
     return (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=-1))
 
 
-def plain_attention(weights, x, n_head, rope, prefix=""):
-    """Causal self-attention of x (B, T, C), rotary positions if rope."""
+def plain_attention(weights, x, n_head, rope, prefix="", dropout=0.0, flash=False, resid_dropout=True, start=0):
+    """Causal self-attention of x (B, T, C) at positions start.., rotary positions if rope. With dropout (training),
+    the solution's random draws in its order: the probabilities' (flash: inside F.scaled_dot_product_attention),
+    then the output's (resid_dropout, unless resid_dropout=False)."""
     B, T, C = x.shape
     q, k, v = heads(x, weights, n_head, prefix)
     if rope:
-        q, k = rotate(q), rotate(k)
+        q, k = rotate(q, start=start), rotate(k, start=start)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # (B, nh, T, hs)
-    return F.linear(y.transpose(1, 2).reshape(B, T, C), weights[prefix + "c_proj.weight"],
-                    weights.get(prefix + "c_proj.bias"))
+    if not dropout:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)  # (B, nh, T, hs)
+    elif flash:
+        y = F.scaled_dot_product_attention(q, k, v, None, dropout, True)  # attn_mask, dropout_p, is_causal
+    else:
+        probs = (q @ k.transpose(-2, -1) / math.sqrt(C // n_head)).masked_fill(~causal, float("-inf")).softmax(-1)
+        y = F.dropout(probs, dropout) @ v
+    out = F.linear(y.transpose(1, 2).reshape(B, T, C), weights[prefix + "c_proj.weight"],
+                   weights.get(prefix + "c_proj.bias"))
+    return F.dropout(out, dropout) if dropout and resid_dropout else out
 
 
-def plain_mlp(weights, x, prefix=""):
+def plain_mlp(weights, x, prefix="", dropout=0.0):
     hidden = F.linear(x, weights[prefix + "c_fc.weight"], weights.get(prefix + "c_fc.bias"))  # (B, T, 4C)
-    return F.linear(F.gelu(hidden, approximate="tanh"), weights[prefix + "c_proj.weight"],
-                    weights.get(prefix + "c_proj.bias"))
+    out = F.linear(F.gelu(hidden, approximate="tanh"), weights[prefix + "c_proj.weight"],
+                   weights.get(prefix + "c_proj.bias"))
+    return F.dropout(out, dropout) if dropout else out
 
 
 def plain_norm(weights, x, name):
     return F.layer_norm(x, x.shape[-1:], weights[name + ".weight"], weights.get(name + ".bias"))
 
 
-def plain_forward(weights, config, idx):
-    """Logits (B, T, V) of a GPT of config (a dict) with these weights, for idx (B, T)."""
+def plain_forward(weights, config, idx, dropout=0.0, start=0):
+    """Logits (B, T, V) of a GPT of config (a dict) with these weights, for idx (B, T) at positions start..; with
+    dropout, in training, drawing what the solution draws in its order (config's use_flash_attn: which path)."""
     x = weights["transformer.wte.weight"][idx]  # (B, T, C)
     if config.get("abs_emb"):
-        x = x + weights["transformer.wpe.weight"][:idx.size(1)]
+        x = x + weights["transformer.wpe.weight"][start:start + idx.size(1)]
+    if dropout:
+        x = F.dropout(x, dropout)
     for i in range(config["n_layer"]):
         block = f"transformer.h.{i}."
         x = x + plain_attention(weights, plain_norm(weights, x, block + "ln_1"), config["n_head"],
-                                not config.get("abs_emb"), block + "attn.")
-        x = x + plain_mlp(weights, plain_norm(weights, x, block + "ln_2"), block + "mlp.")
+                                not config.get("abs_emb"), block + "attn.", dropout, config.get("use_flash_attn", True),
+                                start=start)
+        x = x + plain_mlp(weights, plain_norm(weights, x, block + "ln_2"), block + "mlp.", dropout)
     return F.linear(plain_norm(weights, x, "transformer.ln_f"), weights["lm_head.weight"])
 
 
@@ -350,7 +364,7 @@ def norm_inputs(C):
     return (("x (std 3)", x * 3 + 1), ("x (std 0.001, variance below eps: eps goes inside the sqrt)", x * 1e-3))
 
 
-@graded(2, "layernorm")
+@graded(1, "layernorm")
 def test_layernorm_by_hand(ref, monkeypatch):
     """LayerNorm computed by hand (the model uses PyTorch's kernel unless fused_norm=False)."""
     gpt = load("gpt")
@@ -374,7 +388,7 @@ def test_layernorm_by_hand(ref, monkeypatch):
     assert_close(ref_ln(ref["x"]), ref["layernorm_out"], "LayerNorm vs the reference", "layernorm")
 
 
-@graded(2, "rmsnorm")
+@graded(1, "rmsnorm")
 def test_rmsnorm_matches_formula_and_torch(ref):
     gpt = load("gpt")
     C = pick(8, 33)
@@ -409,7 +423,7 @@ def test_rotary_identity_at_zero_and_keeps_norms():
         fail("rotary left positions > 0 unchanged", "rotary")
 
 
-@graded(2, "rotary")
+@graded(1, "rotary")
 def test_rotary_scores_depend_only_on_distance():
     rope, hs = rotary()
     q, k = randn(hs), randn(hs)
@@ -478,7 +492,7 @@ def queries_and_keys(Tq=None, Tk=None):
     return randn(B, 4, Tq or T, 8), randn(B, 4, Tk or T, 8)
 
 
-@graded(2, "attn_scores", "attn_mask", "attn_softmax")
+@graded(1, "attn_scores", "attn_mask", "attn_softmax")
 def test_attention_probs_formula():
     attn, _ = attention()
     q, k = queries_and_keys()
@@ -498,6 +512,38 @@ def test_attention_rows_sum_to_one():
     assert_close(probs.sum(-1), torch.ones(B, 4, T), "sum of each row of attention probabilities", "attn_softmax")
     if (probs < 0).any():
         fail("attention probabilities must not be negative", "attn_softmax")
+
+
+def large_scores(dtype):
+    """q, k (B, nh, T, 16) of small integers whose scores q.k / 4 are exact in dtype and large: 17.5 to 32.5 for
+    fp16 (exp overflows fp16 above 11.1), 92.5 to 107.5 for bf16 (exp overflows bf16 and fp32 above 88.7)."""
+    B, T = pick(1, 4), pick(2, 17)
+    q, k = randint(-1, 2, B, 4, T, 16).float() * 2, randint(-1, 2, B, 4, T, 16).float()  # q even: sums exact in bf16
+    q[..., 0], k[..., 0] = (10.0, 10.0) if dtype == torch.float16 else (20.0, 20.0)
+    return q, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@graded(1, "attn_softmax", needs=("attn_scores", "attn_mask"))
+def test_attention_probs_large_scores_half_precision(dtype):
+    """Mixed precision (torch.autocast on a GPU) computes the scores in fp16 or bf16, where exp of a score above
+    11.1 (fp16) or 88.7 (bf16) is inf: softmax subtracts each row's max first, so that it never overflows."""
+    attn, _ = attention()
+    q, k = large_scores(dtype)
+    T = q.size(2)
+    scores = (q.double() @ k.double().transpose(-2, -1) / 4).masked_fill(torch.ones(T, T).triu(1).bool(), -math.inf)
+    expected = scores.softmax(-1)
+    atol = 4e-3 if dtype == torch.float16 else 3e-2  # a few roundings of the probabilities in dtype
+    name = str(dtype).replace("torch.", "")
+    probs = checked(attn.attention_probs(q.to(dtype), k.to(dtype)), expected.shape, "attention probabilities",
+                    "attn_softmax")
+    why = (f"scores from {scores[scores > -math.inf].min().item():g} to {scores.max().item():g}: exp of a raw score "
+           f"overflows {name}; subtract each row's max first (F.softmax does)")
+    assert_close(probs, expected, f"attention probabilities of {name} q, k ({why})", "attn_softmax", atol=atol, rtol=0)
+    with torch.autocast("cpu", dtype=dtype):
+        probs = checked(attn.attention_probs(q, k), expected.shape, "attention probabilities", "attn_softmax")
+    assert_close(probs, expected, f"attention probabilities under torch.autocast({name}) ({why})", "attn_softmax",
+                 atol=atol, rtol=0)
 
 
 @graded(2, "attn_mask", needs=("attn_scores",))
@@ -560,7 +606,7 @@ def test_attention_manual_and_flash_match_plain_torch():
     assert_close(manual_out, expected, "manual attention output (probabilities @ v) vs plain torch", "attn_values")
 
 
-@graded(2, "attn_out", needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_values", "attn_flash",
+@graded(1, "attn_out", needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_values", "attn_flash",
                               "rotary"))
 def test_attention_reference(ref):
     attn = ref_model(ref).transformer.h[0].attn
@@ -573,7 +619,7 @@ def test_attention_reference(ref):
     assert_close(attn(x), ref["attn_out"], "flash attention output vs the reference", "attn_flash")
 
 
-@graded(2, "attn_values", "attn_flash", "mlp",
+@graded(1, "attn_values", "attn_flash", "mlp",
         needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_out", "rotary", "block", "gpt_embed",
                "gpt_logits"))
 def test_dropout_does_nothing_in_eval():
@@ -596,7 +642,7 @@ def test_dropout_does_nothing_in_eval():
                  "GPT logits in eval with dropout 0.5 vs plain torch", "gpt_embed")
 
 
-@graded(2, "attn_values", "mlp", needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_out"))
+@graded(1, "attn_values", "mlp", needs=("attn_qkv", "attn_scores", "attn_mask", "attn_softmax", "attn_out"))
 def test_dropout_in_training_drops_probabilities_and_outputs():
     """In training, dropout zeroes the attention probabilities (attn_dropout, before @ v) and the outputs of
     attention (resid_dropout) and of the MLP, each element with probability p, scaled by 1 / (1 - p)."""
@@ -654,7 +700,7 @@ def test_block_residual_structure(ref):
 # ----------------------------------------------------------------------------- the whole model
 
 @pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
-@graded(3, "gpt_logits", "gpt_embed", needs=("block",))
+@graded(2, "gpt_logits", "gpt_embed", needs=("block",))
 def test_gpt_logits_reference(ref, abs_emb):
     rope_model = ref_model(ref)
     assert_close(rope_model.transformer.h[0](ref["x"]), ref["block_out"], "the model's first Block vs the reference "
@@ -714,6 +760,108 @@ def test_gpt_is_causal(flash, abs_emb):
         fail(f"logits at positions {p}..{T - 1} stayed the same after changing the tokens there", "gpt_logits")
 
 
+MODEL_REGIONS = ("gpt_embed", "gpt_logits", "gpt_loss", "block", "mlp", "rotary", "attn_qkv", "attn_scores",
+                 "attn_mask", "attn_softmax", "attn_values", "attn_flash", "attn_out")
+TRAINING = [pytest.param(False, False, id="rope-manual"), pytest.param(True, True, id="learned-flash")]
+
+
+def grad_region(name, n_layer):
+    """The TODO to look at when the gradient of parameter name is the first one wrong, going backward."""
+    if ".wte." in name or ".wpe." in name:
+        return "gpt_embed"
+    if "ln_f" in name:
+        return "gpt_logits"
+    if int(name.split(".")[2]) < n_layer - 1:  # the blocks after it are right: the gradient lost its way through them
+        return "block"
+    return "mlp" if ".mlp." in name else "attn_out" if ".c_proj." in name else "attn_qkv" if ".attn." in name \
+        else "block"
+
+
+@pytest.mark.parametrize("abs_emb, flash", TRAINING)
+@graded(2, "block", "gpt_loss", needs=MODEL_REGIONS)
+def test_training_step_gradients(abs_emb, flash):
+    """One training step: loss.backward() through your GPT gives every parameter the gradient that plain torch
+    autograd gives on the same weights (the tied wte / lm_head matrix: the sum of both uses)."""
+    model, config, weights = tiny_model(block_size=16, abs_emb=abs_emb, use_flash_attn=flash)
+    model.train()  # dropout 0: training computes what eval does
+    B, T = pick(2, 4), pick(2, 17)  # B > 1: the rows of targets must line up with the rows of logits
+    idx, targets = randint(0, 13, B, T), randint(0, 13, B, T)
+    targets.view(-1)[torch.randperm(B * T, generator=INPUTS)[:pick(1, min(3, B * T))]] = -1  # ignored, not all
+    leaves = {name: w.clone().requires_grad_() for name, w in weights.items() if name != "lm_head.weight"}
+    leaves["lm_head.weight"] = leaves["transformer.wte.weight"]  # tied: one tensor, its gradient the sum
+    expected = F.cross_entropy(plain_forward(leaves, config, idx).view(-1, 13), targets.view(-1), ignore_index=-1)
+    expected.backward()
+    _, loss = model(idx, targets)
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        fail(f"forward(idx, targets) should return the loss as a scalar tensor, got {describe(loss)}", "gpt_loss")
+    assert_close(loss, expected, "the loss vs plain torch (test_gpt_loss_is_cross_entropy and "
+                 "test_gpt_logits_reference say where)", "gpt_loss")
+    if not loss.requires_grad:
+        fail("the loss does not require grad: it is cut off from the parameters (.detach(), .data, .item() or "
+             "torch.no_grad on its way)", "gpt_loss")
+    try:
+        loss.backward()
+    except NotImplementedError:  # a TODO's stub
+        raise
+    except RuntimeError as e:
+        fail(f"loss.backward() raised: {str(e).splitlines()[0][:160]} (an in-place update of a tensor that autograd "
+             "saved, such as x += ... in Block: write x = x + ...)", "block")
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    for name in reversed([n for n in weights if n != "lm_head.weight"]):  # backward order: ln_f first, wte last
+        grad, todo = grads.get(name), grad_region(name, config["n_layer"])
+        if grad is None:
+            fail(f"no gradient reached {name}: the graph is cut between it and the loss (.detach(), .data, "
+                 "torch.no_grad, a tensor rebuilt from numbers)", todo)
+        where = "" if todo != "block" or "ln_" in name else \
+            " (the gradients of the later blocks are right: it does not flow back through a Block to its input)"
+        assert_close(grad, leaves[name].grad, f"the gradient of {name} vs plain torch autograd{where}", todo,
+                     atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("abs_emb, flash", TRAINING)
+@graded(1, "gpt_embed", "attn_flash", "attn_values", needs=MODEL_REGIONS)
+def test_dropout_in_training_draw_for_draw(abs_emb, flash):
+    """In training, with the same seed, your model draws the solution's dropout masks in the solution's order: the
+    embeddings' (transformer.drop, after adding wpe), then in each block the attention probabilities' (manual:
+    attn_dropout; flash: dropout_p of F.scaled_dot_product_attention), the attention output's (resid_dropout) and
+    the MLP output's."""
+    p, B, T = pick(2, 6) / 10, pick(1, 4), pick(2, 17)
+    config = {**TINY, "block_size": 16, "dropout": p, "abs_emb": abs_emb, "use_flash_attn": flash}
+    path, todo = ("flash", "attn_flash") if flash else ("manual", "attn_values")
+    x = randn(B, T, 32)
+    weights = attention_weights(32)
+    attn = make("CausalSelfAttention", config, weights).train()
+    seed = new_seed()
+    torch.manual_seed(seed)
+    out = checked(attn(x), x.shape, "attention output", todo)
+    torch.manual_seed(seed)
+    expected = plain_attention(weights, x, 4, not abs_emb, dropout=p, flash=flash)
+    torch.manual_seed(seed)
+    if close(out, plain_attention(weights, x, 4, not abs_emb, dropout=p, flash=flash, resid_dropout=False)):
+        fail(f"{path} attention in training (dropout {p}): the output is not dropped (resid_dropout after c_proj)",
+             "attn_out")
+    assert_close(out, expected, f"{path} attention in training (dropout {p}, the same seed) vs plain torch: "
+                 + ("F.scaled_dot_product_attention(..., dropout_p=self.dropout while training)" if flash else
+                    "attn_dropout(probabilities) @ v") + ", then resid_dropout(c_proj(.))", todo)
+    weights = mlp_weights(32)
+    mlp = make("MLP", config, weights).train()
+    torch.manual_seed(seed)
+    out = mlp(x)
+    torch.manual_seed(seed)
+    assert_close(out, plain_mlp(weights, x, dropout=p), f"MLP in training (dropout {p}) vs "
+                 "dropout(c_proj(gelu(c_fc(x))))", "mlp")
+    weights = gpt_weights(config)
+    model = make("GPT", config, weights).train()
+    idx = randint(0, 13, B, T)
+    torch.manual_seed(seed)
+    logits = checked(model(idx)[0], (B, T, 13), "logits", "gpt_logits")
+    torch.manual_seed(seed)
+    assert_close(logits, plain_forward(weights, config, idx, dropout=p), f"GPT logits in training (dropout {p}, the "
+                 "same seed) vs plain torch; the attention and the MLP alone are right, so look at the embeddings: "
+                 "transformer.drop on wte(idx)" + (" + wpe(pos), after adding the positions" if abs_emb else ""),
+                 "gpt_embed")
+
+
 @graded(0)
 def test_gpt2_small_parameter_count():
     gpt = load("gpt")
@@ -726,7 +874,7 @@ def test_gpt2_small_parameter_count():
 
 # ----------------------------------------------------------------------------- generation
 
-@graded(2, "sample_greedy", needs=("gpt_embed", "gpt_logits"))
+@graded(1, "sample_greedy", needs=("gpt_embed", "gpt_logits"))
 def test_generate_greedy_equals_argmax():
     model, config, weights = tiny_model()
     idx, n = randint(0, 13, pick(3, 6), pick(1, 5)), pick(8, 12)  # more than 8 tokens: the context gets cropped
@@ -735,7 +883,7 @@ def test_generate_greedy_equals_argmax():
 
 
 @pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
-@graded(2, "gpt_embed", needs=("rotary", "sample_greedy", "gpt_logits"))
+@graded(1, "gpt_embed", needs=("rotary", "sample_greedy", "gpt_logits"))
 def test_cached_decoding_equals_uncached(abs_emb):
     """generate() with the KV cache feeds one new token at a time: its position is the cache's length
     (offset), for learned positions (wpe) as for rotary ones. It must decode exactly as without the cache."""
@@ -758,13 +906,60 @@ def test_cached_decoding_equals_uncached(abs_emb):
                   "greedy decoding with the KV cache (the new tokens sit at positions offset.. offset+T-1)", todo)
 
 
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
+@graded(1, "attn_mask", "gpt_embed", "rotary", needs=("block", "gpt_logits", "sample_greedy", "attn_qkv",
+                                                      "attn_scores", "attn_softmax", "attn_values", "attn_flash",
+                                                      "attn_out", "mlp"))
+def test_cached_decoding_in_chunks(abs_emb):
+    """Queries and keys that carry their positions strongly (q and k weights 3x): the prompt fed with an empty KV
+    cache, then token by token, then again in chunks of several tokens (each chunk's queries at positions
+    offset.., attending to the cached keys and to the chunk's own up to themselves) must give plain torch's
+    logits, and generate() with the cache plain torch's greedy tokens."""
+    gpt = load("gpt")
+    config = {**TINY, "block_size": 16, "abs_emb": abs_emb}
+    weights = gpt_weights(config)
+    for i in range(config["n_layer"]):  # sharper attention: keys at the wrong positions change the next token
+        for name in (f"transformer.h.{i}.attn.c_attn.weight", f"transformer.h.{i}.attn.c_attn.bias"):
+            weights[name][:64] *= 3
+    model = make("GPT", config, weights)
+    B, T = pick(1, 4), pick(2, 9)
+    full = greedy(weights, config, randint(0, 13, B, T), 16 - T)  # (B, 16): a prompt and its greedy continuation
+    expected = plain_forward(weights, config, full)  # (B, 16, V)
+    todo = "gpt_embed" if abs_emb else "rotary"
+
+    def feed(cache, start, end, after):
+        logits = checked(model(full[:, start:end], cache=cache)[0], (B, end - start, 13), "logits", "gpt_logits")
+        if end - start == 1 and start > 0 and not close(logits, expected[:, start:end]) and close(
+                logits, plain_forward(weights, config, full[:, start:end], start=start)):
+            fail(f"logits of token {start} fed alone after {start} cached positions ignore them: the cache must reach "
+                 "every attention (block(x, cache) in TODO[gpt_logits], self.attn(..., cache))", "block")
+        where = f"position {start}" if end - start == 1 else f"positions {start}..{end - 1}"
+        assert_close(logits, expected[:, start:end], f"logits of {where} fed {after}", todo
+                     if end - start == 1 or start == 0 else "attn_mask")
+
+    cache = gpt.KVCache(gpt.GPTConfig(**config), B, torch.device("cpu"), torch.float32)
+    feed(cache, 0, T, "as the prompt with an empty KV cache")
+    for t in range(T, 16):
+        feed(cache, t, t + 1, f"alone after {t} cached positions (its position is offset = {t}: rotary angles and "
+             "wpe of position offset + i)")
+    cache, start = gpt.KVCache(gpt.GPTConfig(**config), B, torch.device("cpu"), torch.float32), 0
+    while start < 16:
+        end = min(16, start + pick(2, 6))
+        feed(cache, start, end, f"as one chunk after {start} cached positions (query i is position {start} + i and "
+             f"sees keys 0..{start} + i: self.mask[offset:offset + Tq, :Tk])")
+        start = end
+    n, prompt = 16 - T + pick(0, 3), full[:, :T]  # past block_size the window starts again
+    assert_greedy(model.generate(prompt, n, temperature=0, kv_cache=True), weights, config, prompt, n,
+                  "greedy decoding with the KV cache", todo)
+
+
 def sample(logits, n=20000, seed=None, **kwargs):
     """n draws of sample_next from the same logits row (1, V), with a torch.Generator seeded with seed (drawn
     if None) -> the sampled ids (n,)."""
     gpt = load("gpt")
     g = torch.Generator().manual_seed(new_seed() if seed is None else seed)
     V = logits.size(-1)
-    ids = gpt.sample_next(logits.expand(n, -1), generator=g, **kwargs)
+    ids = gpt.sample_next(logits.expand(n, -1).clone(), generator=g, **kwargs)  # rows of its own: in place too
     if not integral(ids) or ids.shape != (n, 1):
         fail(f"sample_next of logits ({n}, {V}) should return token ids of shape ({n}, 1), got {describe(ids)}",
              "sample_draw")
@@ -899,6 +1094,53 @@ def test_sampling_follows_probabilities_and_seed():
             for _ in range(2)]
     if not all(integral(run) for run in runs) or not torch.equal(runs[0], runs[1]):
         fail("the same seeded torch.Generator must give the same samples", "sample_draw")
+
+
+def gpt2_like(rows, V=50257):
+    """Logits (rows, V) as large as a GPT-2's and all below -104 (exp gives 0 in fp32): a few ids per row near -105,
+    the rest near -130 -> (logits, the few ids (rows, k))."""
+    logits = -130 + 3 * randn(rows, V)
+    top = randint(0, V, rows, pick(3, 7))
+    logits.scatter_(1, top, -105 - rand(*top.shape))
+    return logits, top
+
+
+@graded(2, "sample_draw", needs=("sample_temperature", "sample_top_k"))
+def test_sampling_extreme_logits():
+    """Logits far from 0: at temperature 0.1 they grow tenfold (exp of 600 is inf), a GPT-2's are around -100
+    (exp of -104 is 0 in fp32). Softmax subtracts each row's max and samples them as it samples any logits."""
+    gpt = load("gpt")
+    V = pick(4, 9)
+    for what, logits, temperature in (("logits near 60 at temperature 0.1", 60 + 0.4 * rand(1, V), 0.1),
+                                      ("logits all below -104", -105 - 3 * rand(1, V), 1.0)):
+        try:
+            ids = sample(logits, temperature=temperature)
+        except NotImplementedError:  # a TODO's stub
+            raise
+        except RuntimeError as e:
+            fail(f"sample_next of {what} raised {str(e).splitlines()[0][:200]} (exp of raw logits overflows to inf "
+                 "or underflows to 0: use F.softmax, which subtracts each row's max)", "sample_draw")
+        probs = F.softmax(logits[0].double() / temperature, dim=-1)
+        freq = torch.bincount(ids, minlength=V).double() / len(ids)
+        assert_close(freq, probs, f"frequencies of {len(ids)} samples of {what} vs softmax(logits / temperature)",
+                     "sample_draw", atol=0.02)
+    logits, top = gpt2_like(pick(4, 9))
+    for kwargs in (dict(), dict(temperature=0.7, top_k=pick(10, 60))):
+        g = torch.Generator().manual_seed(new_seed())
+        try:
+            ids = gpt.sample_next(logits.clone(), generator=g, **kwargs)
+        except NotImplementedError:  # a TODO's stub
+            raise
+        except RuntimeError as e:
+            fail(f"sample_next of GPT-2-like logits (all below -104), {kwargs}, raised {str(e).splitlines()[0][:200]} "
+                 "(exp of the raw logits is 0: use F.softmax, which subtracts each row's max)", "sample_draw")
+        if not integral(ids) or ids.shape != (len(top), 1):
+            fail(f"sample_next of logits {tuple(logits.shape)} should return ids of shape ({len(top)}, 1), got "
+                 f"{describe(ids)}", "sample_draw")
+        if not (ids.long() == top).any(-1).all():
+            fail(f"GPT-2-like logits {kwargs}: each row's id should be one of its few logits near -105 (the others, "
+                 f"25 lower, are e^-25 less likely), expected one of {top.tolist()}, got {ids.view(-1).tolist()}",
+                 "sample_draw")
 
 
 if __name__ == "__main__":

@@ -50,5 +50,5 @@ def test_narrowest_sampling_is_greedy():
     g = torch.Generator().manual_seed(new_seed())
     for kwargs, todo in ((dict(top_k=1), "sample_top_k"), (dict(top_p=1e-6), "sample_top_p"),
                          (dict(top_k=3, top_p=1e-6), "sample_top_p")):
-        assert_tokens(gpt.sample_next(logits, temperature=0.7, generator=g, **kwargs), best,
+        assert_tokens(gpt.sample_next(logits.clone(), temperature=0.7, generator=g, **kwargs), best,
                       f"sample_next(..., {kwargs}) must return the argmax of each row", todo)
