@@ -556,9 +556,10 @@ def test_attention_mask_hides_future():
     leak = probs[..., future].abs().max().item()
     if leak != 0:
         fail(f"query i must give zero weight to keys j > i, found weight {leak:.3g}", "attn_mask")
-    # a KV cache passes fewer queries than keys: the queries are the last positions
+    # a KV cache passes fewer queries than keys: the queries are the last positions (a chunk of 2 or more: one
+    # query alone sees every key, mask or not)
     Tk = pick(3, 17)
-    Tq = pick(1, Tk)
+    Tq = pick(2, Tk)
     q, k = queries_and_keys(Tq, Tk)
     probs = checked(attn.attention_probs(q, k), (q.size(0), 4, Tq, Tk), "attention probabilities", "attn_mask")
     expected = torch.ones(Tk, Tk).tril().bool()[Tk - Tq:]

@@ -5,7 +5,7 @@ in the jail (instructor/jail.py), and appends one JSON line per event to EVENTS,
     python -m instructor.runner EVENTS --modules DIR --reference GPT_PY [--user NAME] [--unsealed]
                                 [--timeout S] [--trace FILE,FILE...] [pytest arguments...]
 
-    {"collected": [{"nodeid": ..., "points": 2, "todo": ["mlp"]}, ...]}
+    {"collected": [{"nodeid": ..., "points": 2, "todo": ["mlp", ...], "checks": ["mlp"]}, ...]}
     {"start": nodeid}
     {"done": nodeid, "passed": false, "output": "..."}     output clipped to a few KB
     {"collect_error": "..."}
@@ -77,7 +77,8 @@ class Reporter:
             if unittests is not None:
                 unittests.SOURCE = self.inputs  # grade-time inputs and the trusted reference, never the stored ones
         self.write(collected=[{"nodeid": item.nodeid, "points": (marker_args(item, "points") or (0,))[0],
-                               "todo": list(marker_args(item, "todo"))} for item in session.items])
+                               "todo": list(marker_args(item, "todo")), "checks": list(marker_args(item, "checks"))}
+                              for item in session.items])
 
     def pytest_collectreport(self, report):
         if report.failed:
