@@ -115,7 +115,9 @@ class Server:
                 if request["rng"] is not None:  # the test drew or seeded: its stream is ours from here
                     torch.set_rng_state(request["rng"])
                 self.forbid(request["forbid"])
-                with torch.set_grad_enabled(request["grad"]):
+                autocast = wire.DTYPES.get(request["autocast"])
+                with torch.set_grad_enabled(request["grad"]), \
+                        torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                     if request["device"] != "cpu":
                         with torch.device(request["device"]):
                             value = self.run(request)

@@ -5,8 +5,8 @@ The trusted side of the trust boundary: the student modules as the graded tests 
 attributes, calling what they hold, indexing and iterating are requests to the current test's child in
 the jail (instructor/jail.py); tensors and plain values come back by value (instructor/wire.py: JSON and
 safetensors, never pickle), everything else stays in the jail and comes back as a Remote handle. Each
-request carries the trusted process's grad mode, default device and the torch functions the test
-monkeypatched, and its torch RNG state whenever the test changed it (drew or seeded) since the last
+request carries the trusted process's grad mode, CPU autocast, default device and the torch functions the
+test monkeypatched, and its torch RNG state whenever the test changed it (drew or seeded) since the last
 request: otherwise the jail's own stream goes on, as it would in-process. Nothing of the jail's state ever
 comes back. A call's in-place writes to the test's tensors are mirrored into them. The assertions,
 reference values, grade-time inputs and hidden tests never leave the trusted process; the jail only
@@ -85,8 +85,9 @@ class Session:
             self.sent, Session.reseeded = rng, False
         else:
             rng = None  # unchanged here: the jail's stream goes on
+        autocast = str(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else None
         message = {"op": op, "target": target, **fields, "rng": rng, "grad": torch.is_grad_enabled(),
-                   "device": str(torch.get_default_device()), "forbid": monkeypatched()}
+                   "autocast": autocast, "device": str(torch.get_default_device()), "forbid": monkeypatched()}
         data = wire.pack(message, self.handle)  # TypeError / WireError: the test's own fault, not the jail's
         try:
             wire.send(self.sock, data)
