@@ -151,7 +151,7 @@ def test_check_passes_on_this_repository(capsys):
     ok = check.check()
     out = capsys.readouterr().out
     assert ok, out
-    assert out.count("\nOK  ") + out.startswith("OK  ") == 6
+    assert out.count("\nOK  ") + out.startswith("OK  ") == 7
 
 
 def test_check_finds_solution_code_instructor_notes_and_outputs_in_a_released_notebook():
