@@ -263,9 +263,11 @@ class Signals:
     """The stop signals received: SLURM sends SIGUSR1 (sbatch --signal) before the time limit and SIGTERM on
     preemption; Ctrl-C is SIGINT. Installed before setup, as SIGUSR1's default action would kill the process."""
 
+    STOPS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self.received, self.training = [], False
-        for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        for s in self.STOPS:
             signal.signal(s, self.on_signal)
 
     def on_signal(self, signum, frame):  # training: finish the step, write last.pt, exit with EXIT_INTERRUPTED
@@ -277,7 +279,7 @@ class Signals:
     def over(self):
         """Training is over: a stop signal now changes nothing (the interpreter's teardown would otherwise restore
         SIGUSR1's default action, and a time-limit warning arriving then would kill a run that succeeded)."""
-        for s in (signal.SIGUSR1, signal.SIGTERM):
+        for s in self.STOPS[:-1]:  # Ctrl-C still interrupts the teardown
             signal.signal(s, signal.SIG_IGN)
 
 

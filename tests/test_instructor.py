@@ -4,6 +4,7 @@ autograder bundle, `check` on this repository, and a zoo of broken submissions g
 """
 
 import concurrent.futures
+import glob
 import json
 import os
 import re
@@ -445,12 +446,14 @@ def test_grading_without_the_sandbox_stops_in_one_line_unless_told(tmp_path):
         (refusing / "bwrap").write_text("#!/bin/sh\necho 'bwrap: Creating new namespace failed: Operation not "
                                         "permitted' >&2\nexit 1\n")
         (refusing / "bwrap").chmod(0o755)
+        scratch_before = set(glob.glob("/tmp/jail-*"))
         for path, missing in ((without, "bubblewrap (bwrap) is not installed"),
                               (refusing, "the sandbox cannot start here (bwrap: Creating new namespace failed")):
             proc = grade_cli(submission, {**os.environ, "PATH": str(path)})
             assert proc.returncode == 2, proc.stderr
             assert proc.stderr.startswith(f"error: {missing}") and proc.stderr.count("\n") == 1, proc.stderr
             assert "--not-tamper-proof" in proc.stderr
+        assert set(glob.glob("/tmp/jail-*")) <= scratch_before, "a jail that could not start left its folder"
     out = tmp_path / "results.json"
     proc = grade_cli(submission, None, sys.executable, "--out", str(out), "--not-tamper-proof")
     result = json.loads(out.read_text())
