@@ -10,7 +10,10 @@ block 256, batch 64, 5000 steps).
 import argparse
 import math
 import os
+import re
+import subprocess
 import sys
+import traceback
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional
@@ -24,6 +27,26 @@ EXIT_USAGE = 2  # a bad option, text or checkpoint: nothing was written
 EXIT_IO = 74  # EX_IOERR: a file could not be written (disk full, read-only, permissions); earlier files are intact
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by Ctrl-C/SIGUSR1/SIGTERM after saving last.pt; run again to resume
 EXIT_ABORTED = 130  # a second Ctrl-C: stopped at once, without saving (the last checkpoint is intact)
+TODO = re.compile(r"TODO\[([a-z0-9_]+)\]")  # a stub's NotImplementedError names its TODO region
+
+
+def unfinished(e):
+    """A TODO stub's NotImplementedError -> one line: which TODO to write first, where, and the tests that check
+    it (exit EXIT_USAGE). None for any other error."""
+    todo = TODO.search(str(e))
+    if not isinstance(e, NotImplementedError) or not todo:
+        return None
+    frame = traceback.extract_tb(e.__traceback__)[-1]  # the stub's own line
+    return (f"{todo.group(0)} is not written yet ({os.path.relpath(frame.filename)}:{frame.lineno} in "
+            f"{frame.name}): write it first; `pytest unittests.py -k {todo.group(1)}` checks it")
+
+
+def console():
+    """A console that cannot show a character (Windows' cp1252 into a pipe or file) shows its escape instead of
+    stopping the program."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 DEFAULT_MAX_STEPS = 5000
 
@@ -37,15 +60,16 @@ MODEL_PRESETS = {  # --model_type -> shape; --n_layer / --n_head / --n_embd over
 
 # Named recipes, `--preset NAME`: its flags come first, so flags on the command line override them. Both train
 # the same model for 2 CPU cores (3 layers, 4 heads, 192 wide; the manual attention path is faster than SDPA's
-# CPU kernel at this size), in bf16 where the CPU has it natively, else fp32. benchmarks/cpu_quality.sh runs them.
+# CPU kernel at this size), in bf16 where the CPU has it natively, else fp32; they evaluate every eighth to tenth
+# of the run (a validation curve) and sample at the end. The README gives their losses and times.
 CPU_MODEL = ("--model_type gpt-micro --n_layer 3 --n_embd 192 --block_size 96 --batch_size 16 --dropout 0 "
              "--no-use_flash_attn --precision bf16 --device cpu")
 # the earlier quick run: AdamW, cosine decay
 CPU_QUICK_RUN = (CPU_MODEL + " --learning_rate 3e-3 --min_lr 3e-4 --warmup_steps 100 --max_steps 1150 "
-                 "--eval_interval 1150")
+                 "--eval_interval 115 --sample_interval 1150")
 # the lowest validation loss found in CPU_QUICK_RUN's time: Muon, warmup-stable-decay
 CPU_SPEEDRUN = (CPU_MODEL + " --optimizer muon --learning_rate 3e-3 --min_lr 3e-4 --warmup_steps 100 --cooldown 0.5 "
-                "--max_steps 760 --eval_interval 760")
+                "--max_steps 760 --eval_interval 95 --sample_interval 760")
 PRESETS = {"cpu-speedrun": CPU_SPEEDRUN, "cpu-quick": CPU_QUICK_RUN}
 
 
@@ -275,12 +299,20 @@ def resolve_device(device):
 
 
 def cpu_flags():
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    """The CPU's feature flags in Linux's names: /proc/cpuinfo; on macOS, Apple silicon's FEAT_BF16 and FEAT_FP16
+    (sysctl); elsewhere (Windows), what oneDNN finds on an x86 CPU."""
     try:
         with open("/proc/cpuinfo") as f:
             return set(f.read().split())
     except OSError:
-        return set()
+        pass
+    if sys.platform == "darwin":
+        names = {"hw.optional.arm.FEAT_BF16": "bf16", "hw.optional.arm.FEAT_FP16": "fphp"}
+        found = subprocess.run(["sysctl", *names], capture_output=True, text=True).stdout.splitlines()
+        return {names[k] for k, _, v in (line.partition(": ") for line in found) if k in names and v.strip() == "1"}
+    mkldnn = torch.ops.mkldnn
+    return {flag for flag, ok in (("avx512_bf16", mkldnn._is_mkldnn_bf16_supported),
+                                  ("avx512_fp16", mkldnn._is_mkldnn_fp16_supported)) if ok()}
 
 
 def cpu_has_bf16():
@@ -313,6 +345,8 @@ def resolve_precision(precision, device):
     if precision == "bf16" and kind == "cuda" and not gpu_has_bf16(device):
         raise ValueError("--precision bf16: this GPU has no bf16 (needs compute capability >= 8.0); "
                          "use --precision fp16 or fp32")
+    if precision == "bf16" and kind == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise ValueError("--precision bf16 on an Apple GPU needs macOS 14 or newer; use --precision fp16 or fp32")
     if precision == "bf16" and kind == "cpu" and not cpu_has_bf16():
         raise ValueError("--precision bf16: this CPU has no native bf16 (avx512_bf16, amx_bf16 or ARM bf16); "
                          "use --precision fp32")
@@ -322,8 +356,8 @@ def resolve_precision(precision, device):
 @dataclass
 class SampleConfig:
     # source
-    checkpoint: Optional[str] = arg(None, "a run folder of train.py (its best.pt, else last.pt) or a .pt file",
-                                    "source", aliases=["--model_weights_folder"])
+    checkpoint: Optional[str] = arg(None, "a run folder of train.py (its best.pt, else last.pt) or a .pt file "
+                                    "(default: the newest run in runs/)", "source", aliases=["--model_weights_folder"])
     pretrained: Optional[str] = arg(None, "OpenAI's GPT-2 instead: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                                     "(downloaded once) or a local folder in Hugging Face layout", "source")
     # what to generate
@@ -353,8 +387,8 @@ class SampleConfig:
 def parse_sample_config(argv=None):
     """generate.py's command line -> validated SampleConfig. Raises ValueError with a one-line message."""
     cfg = SampleConfig(**vars(build_parser(SampleConfig, "Sample from a trained Micro-GPT or from GPT-2.", SAMPLE_EPILOG).parse_args(argv)))
-    if (cfg.checkpoint is None) == (cfg.pretrained is None):
-        raise ValueError("pass either --checkpoint RUN_FOLDER_OR_FILE or --pretrained gpt2 (exactly one)")
+    if cfg.checkpoint is not None and cfg.pretrained is not None:
+        raise ValueError("pass either --checkpoint RUN_FOLDER_OR_FILE or --pretrained gpt2, not both")
     check(cfg.top_p is None or 0 < cfg.top_p <= 1, f"--top_p must be in (0, 1], got {cfg.top_p}")
     check(cfg.top_k is None or cfg.top_k >= 1, f"--top_k must be a positive integer, got {cfg.top_k}")
     check_finite(cfg, ("temperature",))

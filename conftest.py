@@ -4,9 +4,15 @@ pytest plugin for the graded tests (unittests.py); pytest loads it by itself.
 - A TODO whose stub is still in place fails with one short line naming it, e.g.
   `NotImplementedError: TODO[mlp]: ...  (gpt.py:212 in forward: replace the stub with your code)`,
   instead of a traceback.
-- At the end of the run, a table of the TODO regions (done; to do: its stub is still reached; partly:
-  a test that checks it fails) and the points earned out of the points at stake. A failing test counts
-  against the region its message names.
+- At the end of the run, a table "TODO regions": a row for each TODO that the tests which ran check or
+  blame, how many of the tests that cover it (check it, or need it to run) pass, and its status:
+    done                              a test that checks it passes, and no failing test blames it
+    to do                             its stub is still there: a test ran into it
+    partly                            a failing test blames it, not at its stub: read that test's message
+    not reached yet (needs TODO[x])   no test blames it, but none that checks it passes yet: they fail on
+                                      TODOs it needs first; write (or fix) TODO[x], then run the tests again
+  A failing test blames the TODO whose stub it ran into, else the TODOs its message names (TODO[id]),
+  else the TODOs it checks. Then the points earned out of the points at stake.
 - `pytest unittests.py -k <region id>` runs the tests that check that TODO (@graded's regions, not
   its needs).
 """
@@ -16,7 +22,7 @@ import re
 
 import pytest
 
-TODO = re.compile(r"TODO\[[a-z0-9_]+\]")
+TODO = re.compile(r"TODO\[([a-z0-9_]+)\]")
 
 
 def pytest_collection_modifyitems(items):
@@ -31,7 +37,15 @@ class Scoreboard:
     def __init__(self):
         self.graded = {}  # nodeid -> (points, todo ids it covers, todo ids it checks), in collection order
         self.passed = {}  # nodeid -> True / False once it ran
-        self.blamed = {}  # nodeid -> the todo ids its failure names
+        self.stubs = {}  # nodeid -> the todo id whose stub it ran into
+        self.blamed = {}  # nodeid -> the todo ids its failure blames, first named first
+        self.order = {}  # todo id -> where the tests first name it, before `-k` picks some of them
+
+    def pytest_collection_modifyitems(self, items):
+        for item in items:
+            for marker in item.iter_markers("todo"):
+                for todo in marker.args:
+                    self.order.setdefault(todo, len(self.order))
 
     def pytest_collection_finish(self, session):
         for item in session.items:
@@ -44,7 +58,9 @@ class Scoreboard:
     def pytest_runtest_makereport(self, item, call):
         report = (yield).get_result()
         error = call.excinfo
-        if error is not None and error.errisinstance(NotImplementedError) and TODO.search(str(error.value)):
+        stub = error is not None and error.errisinstance(NotImplementedError) and TODO.search(str(error.value))
+        if stub:
+            self.stubs.setdefault(item.nodeid, stub.group(1))
             entry = error.traceback[-1]
             where = (getattr(error.value, "location", None)  # the autograder's: the stub's place in the jail
                      or f"{os.path.relpath(entry.path)}:{entry.lineno + 1} in {entry.name}")
@@ -53,38 +69,48 @@ class Scoreboard:
     def pytest_runtest_logreport(self, report):
         # passed if its call passed and no phase failed or skipped (a skipped graded test earns nothing);
         # an interrupted test has no call report and does not count as run
-        if report.nodeid in self.graded and (report.when == "call" or not report.passed):
-            self.passed[report.nodeid] = self.passed.get(report.nodeid, True) and report.passed
-            if not report.passed:
-                self.blamed[report.nodeid] = set(TODO.findall(report.longreprtext))
+        nodeid = report.nodeid
+        if nodeid in self.graded and (report.when == "call" or not report.passed):
+            self.passed[nodeid] = self.passed.get(nodeid, True) and report.passed
+            if not report.passed and nodeid not in self.blamed:  # its first failure
+                stub = self.stubs.get(nodeid)
+                named = [stub] if stub else list(dict.fromkeys(TODO.findall(report.longreprtext)))
+                self.blamed[nodeid] = named or list(self.graded[nodeid][2])
+
+    def rank(self, todo):
+        return self.order.get(todo, len(self.order))
 
     def region_results(self, ran):
-        """{todo id: [(passed, stub)]}: a failing test counts against the regions its message names (TODO[id]),
-        or against the regions it checks when it names none; stub: the failure is that region's stub."""
-        regions = {}
-        for nodeid in ran:
-            _, covers, checks = self.graded[nodeid]
-            blamed = self.blamed.get(nodeid, set())
-            named = {b[5:-1] for b in blamed}
-            for todo in covers:
-                if self.passed[nodeid] or (named and todo not in named) or (not named and todo not in checks):
-                    regions.setdefault(todo, []).append((True, False))
-                else:
-                    regions.setdefault(todo, []).append((False, todo in named))
-        return regions
+        """[(todo id, status, tests that pass, tests that cover it)] for each region that the tests in ran check
+        or blame, in the order the tests name them."""
+        rows = []
+        for todo in sorted({t for n in ran for t in (*self.graded[n][2], *self.blamed.get(n, ()))}, key=self.rank):
+            tests = [n for n in ran if todo in self.graded[n][1] or todo in self.blamed.get(n, ())]
+            failing = [n for n in tests if not self.passed[n]]
+            against = [n for n in failing if todo in self.blamed[n]]
+            if any(self.stubs.get(n) == todo for n in against):
+                status = "to do"
+            elif against:
+                status = "partly"
+            elif any(self.passed[n] and todo in self.graded[n][2] for n in tests):
+                status = "done"
+            else:  # the tests that check it fail and blame TODOs it needs: name the first of them
+                first = min((t for n in failing for t in self.blamed[n]), key=self.rank)
+                status = f"not reached yet (needs TODO[{first}])"
+            rows.append((todo, status, len(tests) - len(failing), len(tests)))
+        return rows
 
     def pytest_terminal_summary(self, terminalreporter):
         ran = [nodeid for nodeid in self.graded if nodeid in self.passed]
         if not ran:
             return
-        regions = self.region_results(ran)
+        rows = self.region_results(ran)
         write = terminalreporter.write_line
         terminalreporter.section("TODO regions")
-        width = max([len(todo) for todo in regions] + [10]) + 6
-        for todo, results in regions.items():
-            ok = [passed for passed, _ in results]
-            status = "done" if all(ok) else "to do" if any(stub for _, stub in results) else "partly"
-            write(f"{'TODO[' + todo + ']':<{width}} {status:<7} {sum(ok)}/{len(ok)} tests pass")
+        width = max([len(todo) for todo, *_ in rows] + [10]) + 6
+        status_width = max(len(status) for _, status, *_ in rows) if rows else 0
+        for todo, status, passed, total in rows:
+            write(f"{'TODO[' + todo + ']':<{width}} {status:<{status_width}} {passed}/{total} tests pass")
         earned = sum(self.graded[n][0] for n in ran if self.passed[n])
         total = sum(self.graded[n][0] for n in ran)
         failing = [n for n in ran if not self.passed[n]]

@@ -15,17 +15,16 @@ run folder; 74 the PNG cannot be written.
 import glob
 import io
 import os
-import re
 import sys
 from contextlib import contextmanager
 
 import torch
 
-from cfg import EXIT_IO, EXIT_USAGE, parse_plot_config
-from dataset import DataError, atomic_write, check_writable
+from cfg import EXIT_IO, EXIT_USAGE, TODO, parse_plot_config
+from dataset import DataError
+from files import atomic_write, check_writable
 from gpt import sample_next
 
-TODO = re.compile(r"TODO\[([a-z0-9_]+)\]")
 LOSSES = {"train/loss": "training", "val/loss": "validation"}  # the TensorBoard tags train.py writes
 
 

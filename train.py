@@ -37,23 +37,31 @@ import signal
 import sys
 import time
 from contextlib import nullcontext, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
-import numpy as np
-import torch
+# Read once, when torch loads. OpenMP threads that sleep as soon as they wait: spinning ones (ACTIVE, and for a
+# while the default) collapse when another program takes a core, as a browser or an editor does on a laptop:
+# 80 steps of the CPU preset on 2 cores with one busy took 103-169 s by default, 31 s ACTIVE, 17-18 s PASSIVE
+# (11 s idle; PASSIVE 19 s) (benchmarks/omp_wait_policy.py). And an operation Apple's GPUs (MPS) lack runs on
+# the CPU instead of failing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cfg import (DEFAULT_MAX_STEPS, EXIT_ABORTED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_IO, EXIT_USAGE,
-                 TrainConfig, cpu_has_fp16, parse_config)
-from dataset import (CharTokenizer, DataError, GPT2Tokenizer, TextDataset, atomic_write, check_writable, default_corpus,
-                     read_text, remove_stale_temporaries, tokenizer_from_dict, train_val_split)
+                 TrainConfig, console, cpu_has_fp16, parse_config, unfinished)
+from corpus import default_corpus
+from dataset import CharTokenizer, DataError, TextDataset, read_text, train_val_split
+from files import atomic_write, check_writable, remove_stale_temporaries
 from gpt import GPT, GPTConfig
 from optim import configure_optimizers, lr_at
-from pretrained import pretrained_folder
+from pretrained import GPT2Tokenizer, pretrained_folder, tokenizer_from_dict
 
 # dense bf16/fp16 tensor-core peaks, for MFU: a model name is one word of the GPU's name ("NVIDIA L40S",
 # "NVIDIA A100-SXM4-80GB"), so L40 is not L4 and A10G (no published peak) is not A10; the PCIe and NVL
@@ -122,7 +130,8 @@ def fail(message, code=EXIT_USAGE):
 def write_error(e, folder):
     """A failed write (OSError) in the run folder -> one line naming the file, the cause and the fix."""
     fix = {errno.ENOSPC: "free some space or pass another --out_dir",
-           errno.EDQUOT: "free some space (your disk quota is full) or pass another --out_dir",
+           getattr(errno, "EDQUOT", "no quotas on Windows"): "free some space (your disk quota is full) or pass another "
+                                                              "--out_dir",
            errno.EFBIG: "a checkpoint is larger than the file size limit (`ulimit -f`); raise it",
            errno.EROFS: "the file system is read-only; pass another --out_dir",
            errno.ENOTDIR: "pass another --out_dir"}.get(
@@ -167,7 +176,9 @@ def text_description(txt_file, default):
         return txt_file
     if os.path.basename(txt_file) == "tinyshakespeare.txt":
         return f"{txt_file} (the default corpus, tiny shakespeare)"
-    return f"{txt_file} (the default corpus's offline fallback: Shakespeare's complete works, not tiny shakespeare)"
+    return (f"{txt_file} (the default corpus's offline fallback: Shakespeare's complete works, not tiny shakespeare; "
+            f"to get tiny shakespeare back, copy char-rnn's input.txt to {os.path.join(os.path.dirname(txt_file), 'tinyshakespeare.txt')} "
+            f"or delete {txt_file} when online: data/README.md)")
 
 
 @dataclass
@@ -255,15 +266,27 @@ def setup(argv):
         raise DataError(f"the training split has {len(splits['training'])} windows, fewer than one global batch "
                         f"of {global_batch}; use a longer text or a smaller --batch_size")
     cfg.max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps or DEFAULT_MAX_STEPS
+    try_model(model_config, splits["training"], prompt, cfg)
     return Setup(cfg, ckpt, tokenizer, splits["training"], splits["validation"], prompt, model_config, pretrained,
                  steps_per_epoch, text_name)
 
 
+def try_model(model_config, train_ds, prompt, cfg):
+    """Run once, on a one-layer copy of the model, every part of gpt.py that training runs (forward with dropout,
+    backward, sampling): a TODO still to be written stops the run here, before anything is written."""
+    with torch.random.fork_rng(devices=[]):  # the run's own RNG streams stay untouched
+        model = GPT(replace(model_config, n_layer=1))
+        x, y = (t[None, :8] for t in train_ds[0])  # (1, 8) each
+        model(x, y)[1].backward()
+        model.eval().generate(torch.tensor([prompt[-8:]]), 2, temperature=cfg.sample_temperature)
+
+
 class Signals:
     """The stop signals received: SLURM sends SIGUSR1 (sbatch --signal) before the time limit and SIGTERM on
-    preemption; Ctrl-C is SIGINT. Installed before setup, as SIGUSR1's default action would kill the process."""
+    preemption; Ctrl-C is SIGINT. Installed before setup, as SIGUSR1's default action would kill the process.
+    Windows has no SIGUSR1 (nor Slurm): there, Ctrl-C and SIGTERM."""
 
-    STOPS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    STOPS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGTERM", "SIGINT") if hasattr(signal, name))
 
     def __init__(self):
         self.received, self.training = [], False
@@ -295,11 +318,14 @@ def check_run_folder(out_dir, checkpoint_bytes):
 
 
 def main(argv=None):
+    console()
     signals = Signals()
     try:
         s = setup(argv)
     except ValueError as e:  # DataError is a ValueError too
         fail(e)
+    except NotImplementedError as e:
+        fail(unfinished(e) or e)
     cfg = s.cfg
     try:
         return train(s, signals)
@@ -464,6 +490,10 @@ def describe(run, s, model, progress):
             f"| global batch {run.tokens_per_step // cfg.block_size} x {cfg.block_size} tokens | {cfg.max_steps} steps "
             f"= {cfg.max_steps / s.steps_per_epoch:.2f} epochs (passes over every window) = {text_passes:.1f} passes "
             f"over the text | {cfg.out_dir}")
+    if run.master and run.device_type == "cpu" and not cfg.preset and not cfg.pretrained and model.num_params() > 5e6:
+        print(f"hint: this is the GPU recipe ({model.num_params() / 1e6:.1f}M parameters, {cfg.max_steps} steps): "
+              f"on a CPU it takes many hours. A quick CPU run (a few minutes): python train.py --preset cpu-speedrun",
+              file=sys.stderr)
     if run.master and run.device_type == "cpu" and cfg.precision == "fp16" and not cpu_has_fp16():
         # fp16 stays allowed (it exercises the GradScaler path without a GPU), but nobody should wait for it
         print("hint: this CPU has no native fp16, so fp16 training runs many times slower than fp32; "
@@ -558,13 +588,10 @@ class Meter:
         mc, cfg = s.model_config, run.cfg
         self.flops_per_token = 6 * model.num_params() + 12 * mc.n_layer * mc.n_embd * cfg.block_size  # PaLM app. B
         self.peak = peak_flops(torch.cuda.get_device_name(run.device)) if run.device_type == "cuda" else None
-        # the GPU configuration on a CPU: once the speed is known (the first steps are slower), say how long it takes
-        cpu_big = run.master and run.device_type == "cpu" and model.num_params() > 5e6 and not cfg.pretrained
-        self.hint_at = step + 2 * cfg.log_interval if cpu_big else None
 
     def report(self, step, lr, grad_norm, bar):
         """Mean loss since the last report (all processes), logged -> the training loss (NaN/inf: not logged)."""
-        run, cfg = self.run, self.run.cfg
+        run = self.run
         stats = torch.stack([self.loss_sum / (step - self.step_log), grad_norm.float().to(run.device)])
         if run.ddp:
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
@@ -575,11 +602,6 @@ class Meter:
         tokens_per_sec = (step - self.step_log) * run.tokens_per_step / dt
         mfu = self.flops_per_token * tokens_per_sec / (self.peak * run.world_size) if self.peak else None
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
-        if self.hint_at is not None and step >= self.hint_at:
-            self.hint_at, hours = None, (cfg.max_steps - step) * run.tokens_per_step / tokens_per_sec / 3600
-            tqdm.write(f"hint: this is the GPU configuration; at {tokens_per_sec:,.0f} tokens/s it needs about "
-                       f"{hours:.1f} more hours on this CPU. A quick CPU run: python train.py --preset cpu-speedrun",
-                       file=sys.stderr)
         if run.master:
             for name, value in (("train/loss", train_loss), ("lr", lr), ("grad_norm", norm),
                                 ("tokens_per_sec", tokens_per_sec), ("mfu", mfu)):

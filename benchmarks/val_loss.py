@@ -14,7 +14,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dataset import read_text, train_val_split, tokenizer_from_dict  # noqa: E402
+from dataset import read_text, train_val_split  # noqa: E402
+from pretrained import tokenizer_from_dict  # noqa: E402
 from generate import load_run  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
 

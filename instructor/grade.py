@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 
+from files import atomic_write
 from instructor import procs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -327,21 +328,8 @@ def jail_account(user, sealed):
 
 
 def write_json(path, obj):
-    """Write obj to path atomically: a new temporary file beside it (never a name someone else made), fsync,
-    rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".results-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write obj to path atomically (a new temporary file beside it, never a name someone else made)."""
+    atomic_write(path, json.dumps(obj, indent=1), mode=0o644)
 
 
 def failed_report(tests, why, notes=(), seconds=0):

@@ -111,7 +111,7 @@ class GradeTimeInputs:
 
 def main():
     import gpt  # here, so that `python -m instructor check` can report on a gpt.py that does not import
-    from dataset import atomic_write
+    from files import atomic_write
 
     buffer = io.BytesIO()
     torch.save({"source_sha256": source_hash(), **make_reference(gpt, SEED)}, buffer)

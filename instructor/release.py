@@ -22,12 +22,12 @@ from instructor import regions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT_MODULES = ("gpt.py", "dataset.py", "cfg.py", "train.py", "optim.py", "generate.py", "pretrained.py",
-                   "plot.py")  # released when present
+                   "plot.py", "corpus.py", "files.py")  # released when present
 GRADED_FILES = ("unittests.py", "unittests_ref.pt", "conftest.py")  # released and graded as they are
 OTHER_FILES = ("requirements.txt", ".gitignore")
 FOLDERS = ("slurm", "data", "notebooks")  # what git tracks, or would, in them
 HIDDEN_TESTS = "instructor/hidden_tests.py"  # graded, never released
-GRADER_CODE = tuple(f"instructor/{name}.py" for name in
+GRADER_CODE = ("files.py",) + tuple(f"instructor/{name}.py" for name in
                     ("__init__", "grade", "runner", "remote", "jail", "jailed", "procs", "wire", "make_reference"))
 JAIL_USER = "student-code"  # the unprivileged account setup.sh creates on Gradescope
 OUTPUTS = ("student", "autograder", "autograder.zip")

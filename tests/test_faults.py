@@ -5,7 +5,6 @@ the checkpoints written before are intact: they load with weights_only=True and 
 
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import cfg
-import dataset
+import corpus
 import generate
 import train
 from test_train import ENV, ROOT, TRAIN, tiny
@@ -120,6 +119,8 @@ def fill(folder, leave=0):
 
 def half_a_checkpoint_at_most():
     """Like `ulimit -f`: writes past half a checkpoint fail with EFBIG (SIGXFSZ ignored, as shells do)."""
+    import resource  # POSIX only: imported here so that the quick tests run on Windows too
+
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (CHECKPOINT_BYTES // 2, CHECKPOINT_BYTES // 2))
 
@@ -314,7 +315,7 @@ def test_text_without_a_newline_samples_from_its_first_character(tmp_path):
 
 
 def test_default_corpus_and_its_run_folder_follow_one_rule(tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(corpus, "DATA_DIR", str(tmp_path))
     (tmp_path / "shakespeare_gutenberg.txt").write_text("Shakespeare's works, the fallback\n" * 50)
     small = ["--model_type", "gpt-nano", "--block_size", "16", "--batch_size", "4", "--device", "cpu"]
     found = train.setup(small)

@@ -5,14 +5,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import generate
-from dataset import CharTokenizer, GPT2Tokenizer
+from dataset import CharTokenizer
 from gpt import GPT, GPTConfig, KVCache
+from pretrained import GPT2Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,12 +196,15 @@ def test_cli_bad_input(run_dir, args, message, capsys):
     assert message in err and err.count("\n") == 1, err
 
 
-def test_cli_bad_sources(tmp_path, capsys):
+def test_cli_bad_sources(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
-    cases = [([], "pass either --checkpoint"), (["--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
+    cases = [([], "there is no run in runs/ yet: train one first (python train.py --preset cpu-speedrun)"),
+             (["--checkpoint", "runs/x", "--pretrained", "gpt2"], "not both"),
+             (["--checkpoint", str(tmp_path / "missing.pt")], "does not exist"),
              (["--checkpoint", str(tmp_path)], "holds no best.pt or last.pt"),
              (["--checkpoint", str(corrupt)], "it is damaged or not written by train.py"),
              (["--checkpoint", str(foreign)], "is not a checkpoint of train.py"),
@@ -208,6 +213,21 @@ def test_cli_bad_sources(tmp_path, capsys):
         assert generate.main(args) == 2, args
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (args, err)
+
+
+def test_without_checkpoint_the_newest_run_and_a_missing_one_lists_them(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, age in (("old", 100), ("new", 10), ("empty", 0)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        if name != "empty":
+            shutil.copy(os.path.join(run_dir, "last.pt"), tmp_path / "runs" / name / "last.pt")
+            os.utime(tmp_path / "runs" / name / "last.pt", (time.time() - age,) * 2)
+    assert generate.main(["--max_new_tokens", "3"]) == 0
+    assert f"sampling from {os.path.join('runs', 'new', 'last.pt')}" in capsys.readouterr().err
+    assert generate.main(["--checkpoint", "runs/typo"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --checkpoint runs/typo does not exist; the runs in runs/, newest first: "
+                   f"{os.path.join('runs', 'new')}, {os.path.join('runs', 'old')}\n")
 
 
 def test_cli_error_has_no_traceback(tmp_path):

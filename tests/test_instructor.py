@@ -380,15 +380,60 @@ def test_grade_cli_rejects_a_missing_folder(tmp_path):
                                                    f"or is not a folder\n"
 
 
+def todo_table(stdout):
+    """{todo id: (status, "n/m")} from the "TODO regions" table of a run of unittests.py."""
+    table = stdout.split("TODO regions")[1].split("points:")[0]
+    return {m[1]: (m[2], m[3]) for m in re.finditer(r"^TODO\[(\w+)\]\s+(.+?)\s+(\d+/\d+) tests pass$", table, re.M)}
+
+
+def run_unittests(folder, *args):
+    return subprocess.run([sys.executable, "unittests.py", "-p", "no:cacheprovider", *args], cwd=folder,
+                          capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_student_run_shows_todos_and_points(built):
-    """`python unittests.py` in the untouched release: short TODO failures, the region table, the points."""
-    proc = subprocess.run([sys.executable, "unittests.py", "-p", "no:cacheprovider"], cwd=built / "student",
-                          capture_output=True, text=True, timeout=300)
+    """`python unittests.py` in the untouched release: short TODO failures, the region table, the points. No TODO
+    is done, with `-k <region>` too: each is to do, or not reached yet and names a TODO to do that its tests need."""
+    proc = run_unittests(built / "student")
     assert proc.returncode == 1
     assert "NotImplementedError: TODO[mlp]: " in proc.stdout and "replace the stub with your code" in proc.stdout
-    assert "TODO[mlp]" in proc.stdout.split("TODO regions")[1]
     assert "points: 0 / " in proc.stdout and "points at stake" in proc.stdout
+    table = todo_table(proc.stdout)
+    assert set(table) == {r.id for r in release.solution_regions()}
+    assert table["tokenizer_encode"] == ("to do", "0/1")
+    assert table["tokenizer_decode"] == ("not reached yet (needs TODO[tokenizer_encode])", "0/1")
+    assert table["attn_mask"][0] == "not reached yet (needs TODO[attn_qkv])"
+    proc = run_unittests(built / "student", "-k", "attn_mask")
+    assert "points: 0 / " in proc.stdout
+    selected = todo_table(proc.stdout)
+    assert selected["attn_mask"][0] == "not reached yet (needs TODO[attn_qkv])"
+    for rows in (table, selected):
+        for todo, (status, passed) in rows.items():
+            needs = re.fullmatch(r"not reached yet \(needs TODO\[(\w+)\]\)", status)
+            assert status == "to do" or needs and rows[needs[1]][0] == "to do", (todo, status)
+            assert passed.startswith("0/"), (todo, passed)
+
+
+def test_student_run_of_a_partly_solved_release(built, tmp_path):
+    """Some TODOs written, one wrongly: done only where a test that checks it passes and no test blames it,
+    partly where a test blames it, to do at its stub, not reached yet where its test stops at another TODO."""
+    student = tmp_path / "student"
+    shutil.copytree(built / "student", student)
+    unsolved = {r.id for r in release.solution_regions()} - {"tokenizer_encode", "dataset_item", "layernorm",
+                                                              "rmsnorm"}
+    (student / "dataset.py").write_text(regions.strip(solution("dataset.py"), "dataset.py", only=unsolved))
+    (student / "gpt.py").write_text(regions.strip(with_region("gpt.py", "layernorm", "return x"), "gpt.py",
+                                                  only=unsolved))
+    proc = run_unittests(student, "-k", "tokenizer_round_trip or dataset_windows or layernorm or rmsnorm")
+    assert todo_table(proc.stdout) == {
+        "tokenizer_encode": ("not reached yet (needs TODO[tokenizer_decode])", "0/1"),
+        "tokenizer_decode": ("to do", "0/1"),
+        "dataset_item": ("done", "1/1"),
+        "layernorm": ("partly", "0/1"),
+        "rmsnorm": ("done", "1/1"),
+    }
+    assert "points: 3 / 6 (2 of 4 graded tests pass; 3 points at stake in 2 failing tests)" in proc.stdout
 
 
 def test_readme_tells_students_the_share_of_hidden_points(built):

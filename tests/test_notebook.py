@@ -3,8 +3,10 @@ distributions, `generate.py --attention_map` and `python plot.py RUN`. The slow 
 bottom with nbclient, against the solution and against the release's stubs, on a small model trained here."""
 
 import base64
+import importlib.metadata
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ import generate
 import plot
 from dataset import CharTokenizer, DataError
 from gpt import GPT, GPTConfig
-from instructor import grade, regions, release
+from instructor import regions, release
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join("notebooks", "attention.ipynb")
@@ -64,6 +66,19 @@ def test_notebook_requirements_are_installed_by_the_tests_only():
         runtime = f.read()
     assert "matplotlib" in wanted and "-r notebooks/requirements.txt" in dev and "matplotlib" not in runtime
     assert "pip install -r notebooks/requirements.txt" in read_notebook().cells[0].source
+
+
+def test_notebook_requirements_install_a_front_end_that_opens_it():
+    with open(os.path.join(ROOT, "notebooks", "requirements.txt"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    assert "notebook>=7" in lines and "ipykernel>=6.0" in lines  # Jupyter Notebook 7 (JupyterLab's parts) and a kernel
+    assert any(line.startswith("#") and "jupyter notebook notebooks/attention.ipynb" in line for line in lines)
+    assert "jupyter notebook notebooks/attention.ipynb" in read_notebook().cells[0].source
+    # what requirements-dev.txt installed (it includes notebooks/requirements.txt): the front end and its command
+    assert importlib.util.find_spec("notebook") is not None, "pip install -r notebooks/requirements.txt"
+    assert int(importlib.metadata.version("notebook").split(".")[0]) >= 7
+    script = os.path.join(os.path.dirname(sys.executable), "jupyter-notebook" + (".exe" if os.name == "nt" else ""))
+    assert os.path.isfile(script), f"{script} is missing: the `jupyter notebook` command would not open the notebook"
 
 
 # ----------------------------------------------------------------------------- what the pictures show
@@ -128,7 +143,9 @@ def test_needs_names_the_stubs_instead_of_a_traceback(tmp_path, capsys):
     assert not reached and out.count("\n") == 1
     assert out.startswith("This cell needs your code for the TODOs attn_qkv, attn_scores. TODO[attn_qkv] is still a "
                           "stub: write it") and "pytest unittests.py -k attn_qkv" in out
-    assert not grade.has_todos(os.path.join(ROOT, "plot.py"))  # the grader would take it for a file with stubs
+    for name in ("plot.py", "cfg.py"):  # the grader takes a module that says TODO[ for one with stubs left
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            assert "TODO[" not in f.read(), name
     with plot.needs("rotary"):
         raise DataError("there is no run folder runs/x")
     assert capsys.readouterr().out == "This cell cannot run: there is no run folder runs/x\n"
@@ -262,6 +279,98 @@ def test_plot_cli_bad_input(events_dir, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == before  # nothing written, no temporary file left
 
 
+# ----------------------------------------------------------------------------- the notebook's cells, run here
+
+def first_cell(monkeypatch, folder):
+    """The notebook's first cell (its %magic left out) run in this process from folder, as a kernel started there
+    runs it -> its names, `display` collecting what later cells show in names["displayed"]."""
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MICROGPT_RUN", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the cell puts the repository first; undone afterwards
+    displayed = []
+    names = {"display": displayed.append, "displayed": displayed}
+    source = read_notebook().cells[1].source
+    exec("\n".join(line for line in source.splitlines() if not line.startswith("%")), names)
+    return names
+
+
+def code_cell(call):
+    """The source of the notebook's one code cell that makes the call."""
+    found = [c.source for c in read_notebook().cells if c.cell_type == "code" and call in c.source]
+    assert len(found) == 1, call
+    return found[0]
+
+
+def test_notebook_finds_the_repository_from_its_folder_or_the_repository(monkeypatch):
+    assert first_cell(monkeypatch, os.path.join(ROOT, "notebooks"))["ROOT"] == ".."
+    assert first_cell(monkeypatch, ROOT)["ROOT"] == "."
+
+
+def test_notebook_looks_inside_the_newest_run_or_says_how_to_train_one(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notebooks").mkdir()  # a checkout without a run yet, the notebook opened in notebooks/
+    names = first_cell(monkeypatch, tmp_path / "notebooks")
+    assert names["RUN"] is None and names["ROOT"] == ".."
+    exec(code_cell("loss_figure("), names)
+    assert capsys.readouterr().out == ("This cell cannot run: there is no trained model in runs/ yet: run `python "
+                                       "train.py --preset cpu-speedrun` in the repository's folder (a few minutes on a "
+                                       "CPU), then this cell again\n")
+    assert names["displayed"] == []
+    # the quick run's folder, named after the text it trained on; the newest run folder wins, as in generate.py
+    for age, (name, checkpoint) in enumerate([("tinyshakespeare-gpt-micro", "best.pt"), ("mine", "notes.txt"),
+                                              ("shakespeare_gutenberg-gpt-micro", "last.pt")]):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / checkpoint).write_bytes(b"")
+        os.utime(tmp_path / "runs" / name / checkpoint, (1e9 + age, 1e9 + age))
+    assert names["trained_run"]() == os.path.join("..", "runs", "shakespeare_gutenberg-gpt-micro")
+    os.utime(tmp_path / "runs" / "tinyshakespeare-gpt-micro" / "best.pt")  # now
+    assert names["trained_run"]() == os.path.join("..", "runs", "tinyshakespeare-gpt-micro")
+    names["RUN"] = "elsewhere"  # set in the first cell (or MICROGPT_RUN): that folder, whatever runs/ holds
+    assert names["trained_run"]() == "elsewhere"
+
+
+def val_loss(step):
+    return 2.6 + abs(step - 140) / 100  # lowest at step 140, then rising: the text learned by heart
+
+
+def write_events(folder, val_steps):
+    """TensorBoard events as train.py writes them: train/loss every 10 steps up to 200, val/loss at val_steps."""
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(folder)) as writer:
+        for step in range(1, 201):
+            if step % 10 == 0:
+                writer.add_scalar("train/loss", 4.0 - step / 100, step)
+            if step in val_steps:
+                writer.add_scalar("val/loss", val_loss(step), step)
+    return str(folder)
+
+
+@pytest.mark.parametrize("val_steps", [[], [200], [100, 200], list(range(5, 201, 5))],
+                         ids=["none", "one", "two", "forty"])
+def test_notebook_draws_the_validation_loss_as_a_curve_with_a_dot_per_evaluation(val_steps, tmp_path, monkeypatch,
+                                                                                 capsys):
+    names = first_cell(monkeypatch, os.path.join(ROOT, "notebooks"))
+    names["RUN"] = write_events(tmp_path / "run", val_steps)
+    exec(code_cell("loss_figure("), names)
+    fig, = names["displayed"]
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    assert list(lines["training"].get_xdata()) == list(range(10, 201, 10))
+    out = capsys.readouterr().out
+    if not val_steps:
+        assert "validation" not in lines and out == ("no validation loss yet: train.py measures it every "
+                                                     "--eval_interval steps and at the end\n")
+        return
+    validation = lines["validation"]
+    assert list(validation.get_xdata()) == val_steps and validation.get_ydata() == pytest.approx(
+        [val_loss(step) for step in val_steps])
+    assert validation.get_marker() == "o" and validation.get_linestyle() == "-"  # a line through dots, one or many
+    legend = {text.get_text(): handle for text, handle in zip(fig.axes[0].get_legend().get_texts(),
+                                                               fig.axes[0].get_legend().legend_handles)}
+    assert legend["validation"].get_marker() == "o"
+    lowest = min(val_steps, key=val_loss)  # 200, 100, 140
+    assert out == f"validation loss at {len(val_steps)} evaluation(s): last 3.200 (step 200), lowest " \
+                  f"{val_loss(lowest):.3f} (step {lowest}, the model in best.pt)\n"
+
+
 # ----------------------------------------------------------------------------- the notebook, run top to bottom
 
 @pytest.fixture(scope="module")
@@ -284,13 +393,14 @@ def trained(tmp_path_factory, corpus):
     return str(out)
 
 
-def execute(folder, run, monkeypatch):
-    """Run the notebook of folder (a repository) top to bottom in a fresh kernel -> (notebook, seconds)."""
+def execute(folder, run, monkeypatch, where="notebooks"):
+    """Run the notebook of folder (a repository) top to bottom in a fresh kernel started in its folder where (as
+    Jupyter and VS Code start it: notebooks/; "": the repository's) -> (notebook, seconds)."""
     monkeypatch.setenv("MICROGPT_RUN", run)
     nb = read_notebook(folder)
     start = time.monotonic()
     NotebookClient(nb, timeout=120, kernel_name="python3",
-                   resources={"metadata": {"path": os.path.join(folder, "notebooks")}}).execute()
+                   resources={"metadata": {"path": os.path.join(folder, where)}}).execute()
     return nb, time.monotonic() - start
 
 
@@ -315,12 +425,15 @@ def test_notebook_runs_top_to_bottom_on_the_solution(trained, monkeypatch):
             assert width >= 200 and height >= 200 and len(image) > 5000, cell.source
     assert sum(len(outputs(c)[1]) for c in cells) == 8
     assert any("causal_mask and attention_probs: as above" in outputs(c)[0] for c in cells)
+    assert any(re.fullmatch(r"validation loss at 2 evaluation\(s\): last \d\.\d{3} \(step 100\), lowest \d\.\d{3} "
+                            r"\(step (50|100), the model in best\.pt\)\n", outputs(c)[0])
+               for c in cells)  # the trained run evaluated at steps 50 and 100
 
 
 @pytest.mark.slow
 def test_notebook_in_the_release_names_the_todos_it_needs(trained, tmp_path, monkeypatch):
     release.write_tree(release.student_files(), str(tmp_path))
-    nb, _ = execute(str(tmp_path), trained, monkeypatch)
+    nb, _ = execute(str(tmp_path), trained, monkeypatch, where="")  # opened in the repository's folder this time
     stubbed_cells = 0
     for cell in (c for c in nb.cells if c.cell_type == "code"):
         text, images = outputs(cell)

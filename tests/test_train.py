@@ -200,7 +200,8 @@ def test_kill_9_then_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM, signal.SIGINT], ids=["SIGUSR1", "SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("signum", [getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGUSR1", "SIGTERM", "Ctrl-C"])  # SIGUSR1: None on Windows, where only the quick tests run
 def test_signal_finishes_the_step_writes_last_and_exits_with_the_requeue_code(corpus, tmp_path, signum):
     never = "1000000"
     process = start(tiny(corpus, tmp_path / "run", "--max_steps", never, "--eval_interval", never,
