@@ -90,10 +90,24 @@ def micro_batches(ds, cfg, epoch, epoch_step, rank, world_size, pin_memory):
         order = perm[:steps * B * A * world_size].view(steps, A, world_size, B)[epoch_step:, :, rank]
         # its own generator: creating the loader's iterator must not draw from the global RNG (dropout's)
         loader = DataLoader(ds, batch_sampler=(b.tolist() for b in order.reshape(-1, B)), num_workers=cfg.num_workers,
-                            pin_memory=pin_memory, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        for i, (x, y) in enumerate(loader):
+                            pin_memory=pin_memory, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                            worker_init_fn=ignore_stop_signals)
+        held = hasattr(signal, "pthread_sigmask") and signal.pthread_sigmask(signal.SIG_BLOCK, Signals.STOPS)
+        try:  # POSIX: workers start with the stop signals held (they inherit the mask); this process gets them after
+            batches = iter(loader)
+        finally:
+            if held is not False:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for i, (x, y) in enumerate(batches):
             yield epoch, epoch_step + i // A, x, y
         epoch, epoch_step = epoch + 1, 0
+
+
+def ignore_stop_signals(worker_id):
+    """In a DataLoader worker: stop signals are the training process's to act on. A terminal's Ctrl-C, Windows'
+    console and Slurm signal every process of the job; a worker that died of one would fail the step that saves."""
+    for s in Signals.STOPS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def rng_state(device):
@@ -284,9 +298,9 @@ def try_model(model_config, train_ds, prompt, cfg):
 class Signals:
     """The stop signals received: SLURM sends SIGUSR1 (sbatch --signal) before the time limit and SIGTERM on
     preemption; Ctrl-C is SIGINT. Installed before setup, as SIGUSR1's default action would kill the process.
-    Windows has no SIGUSR1 (nor Slurm): there, Ctrl-C and SIGTERM."""
+    Windows has no SIGUSR1 (nor Slurm), but Ctrl-Break (SIGBREAK)."""
 
-    STOPS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGTERM", "SIGINT") if hasattr(signal, name))
+    STOPS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGBREAK", "SIGTERM", "SIGINT") if hasattr(signal, name))
 
     def __init__(self):
         self.received, self.training = [], False
