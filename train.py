@@ -42,9 +42,9 @@ from typing import Optional
 
 # Read once, when torch loads. OpenMP threads that sleep as soon as they wait: spinning ones (ACTIVE, and for a
 # while the default) collapse when another program takes a core, as a browser or an editor does on a laptop:
-# 80 steps of the CPU preset on 2 cores with one busy took 103-169 s by default, 31 s ACTIVE, 17-18 s PASSIVE
-# (11 s idle; PASSIVE 19 s) (benchmarks/omp_wait_policy.py). And an operation Apple's GPUs (MPS) lack runs on
-# the CPU instead of failing.
+# 80 steps of the CPU preset on 2 cores with one busy took 74-169 s by default, 27-31 s ACTIVE, 16-18 s PASSIVE
+# (idle: 10-11 s, PASSIVE 19 s; the README). And an operation Apple's GPUs (MPS) lack runs on the CPU instead of
+# failing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
 import numpy as np  # noqa: E402

@@ -1,8 +1,8 @@
 """
 How OpenMP's wait policy changes the quick CPU run, on an idle machine and on a busy one (another process
 spinning on one core, as a browser or an editor does on a laptop). Prints the wall time of a short training
-run (startup and evaluation included) under OMP_WAIT_POLICY unset, PASSIVE and ACTIVE (or the OpenMP
-settings given), taking turns.
+run (startup and evaluation included) under OpenMP's own default ("unset": torch is imported before train.py,
+which sets PASSIVE unless told otherwise), PASSIVE and ACTIVE (or the OpenMP settings given), taking turns.
 
     python benchmarks/omp_wait_policy.py                       # 80 steps of the cpu-speedrun preset, 2 rounds
     python benchmarks/omp_wait_policy.py --steps 40 --rounds 3 --txt_file data/tinyshakespeare.txt
@@ -20,6 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = ("unset", "OMP_WAIT_POLICY=PASSIVE", "OMP_WAIT_POLICY=ACTIVE")
 OPENMP = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
+UNSET = "import runpy, sys, torch; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
 def spin():
@@ -30,9 +31,11 @@ def spin():
 def run(setting, steps, txt_file):
     env = {k: v for k, v in os.environ.items() if k not in OPENMP}
     env.update(kv.split("=", 1) for kv in setting.split(",") if kv != "unset")
+    # unset: OpenMP starts with torch, before train.py could choose its policy
+    python = [sys.executable, "-c", UNSET] if "unset" in setting.split(",") else [sys.executable]
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "train.py", "--preset", "cpu-speedrun", "--max_steps", str(steps),
+        subprocess.run([*python, "train.py", "--preset", "cpu-speedrun", "--max_steps", str(steps),
                         "--eval_interval", str(steps), "--txt_file", txt_file, "--out_dir", out, "--no-resume"],
                        cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - start
