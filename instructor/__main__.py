@@ -5,6 +5,8 @@ Instructor commands, run from the repository's root:
     python -m instructor release                    check, then write dist/student, dist/autograder(.zip)
     python -m instructor grade SUBMISSION [--out results.json] [--timeout 30] [--total-timeout 540]
                                                     [--jail-user NAME] [--not-tamper-proof]
+    python -m instructor grade-all SUBMISSIONS --out DIR [--jobs N] [--shard I/N | --merge]
+                                                    grade a class (a folder or an LMS zip): grades.csv, report
     python -m instructor reference                  regenerate unittests_ref.pt from the solution
 
 Exit status: 0 on success, 1 when check fails, 2 on bad input (one line on stderr, no traceback).
@@ -15,7 +17,7 @@ import os
 import sys
 import tempfile
 
-from instructor import check, grade, procs, release
+from instructor import check, grade, grade_all, procs, release
 
 
 def run_check(args):
@@ -59,6 +61,9 @@ def main(argv=None):
     grade_parser = commands.add_parser("grade", help="grade one submission folder")
     grade.add_arguments(grade_parser)
     grade_parser.set_defaults(run=run_grade)
+    class_parser = commands.add_parser("grade-all", help="grade a class: a folder of submissions or an LMS zip")
+    grade_all.add_arguments(class_parser)
+    class_parser.set_defaults(run=grade_all.main)
     commands.add_parser("reference", help="regenerate unittests_ref.pt").set_defaults(run=run_reference)
     args = parser.parse_args(argv)
     try:

@@ -26,6 +26,7 @@ STUDENT_MODULES = ("gpt.py", "dataset.py", "cfg.py", "train.py", "optim.py", "ge
 GRADED_FILES = ("unittests.py", "unittests_ref.pt", "conftest.py")  # released and graded as they are
 OTHER_FILES = ("requirements.txt", ".gitignore")
 FOLDERS = ("slurm", "data", "notebooks")  # what git tracks, or would, in them
+INSTRUCTOR_FILES = re.compile(r"^slurm/grade_class\.")  # in those folders, but the instructor's
 HIDDEN_TESTS = "instructor/hidden_tests.py"  # graded, never released
 GRADER_CODE = ("files.py",) + tuple(f"instructor/{name}.py" for name in
                     ("__init__", "grade", "runner", "remote", "jail", "jailed", "procs", "wire", "make_reference"))
@@ -195,7 +196,7 @@ def released_paths():
     """The repository's files that go into the student release (as they are, or stripped), sorted."""
     paths = [p for p in STUDENT_MODULES + GRADED_FILES + OTHER_FILES if os.path.isfile(os.path.join(ROOT, p))]
     for folder in FOLDERS:
-        paths += folder_files(folder)
+        paths += [p for p in folder_files(folder) if not INSTRUCTOR_FILES.match(p)]
     return sorted(paths)
 
 
@@ -215,8 +216,9 @@ def student_files():
     files["pytest.ini"] = (student_pytest_ini(read("pytest.ini").decode()).encode(), 0o644)
     # the README's test command installs requirements-dev.txt; the graded tests need nothing beyond runtime
     files["requirements-dev.txt"] = (STUDENT_DEV_REQUIREMENTS.encode(), 0o644)
-    if os.path.isfile(os.path.join(ROOT, "README.md")):
-        files["README.md"] = (student_readme(read("README.md").decode()).encode(), 0o644)
+    for readme in ("README.md", "slurm/README.md"):
+        if os.path.isfile(os.path.join(ROOT, readme)):
+            files[readme] = (student_readme(read(readme).decode(), readme).encode(), 0o644)
     return files
 
 
