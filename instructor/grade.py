@@ -48,6 +48,7 @@ POLL = 0.05
 LOG_TAIL = 1500  # characters of the runner's own output shown when it dies
 SAME_USER = "same user"  # jail_user value: run student code as this process's user, without a warning
 REFERENCE = os.path.join("reference", "gpt.py")  # in the pristine folder: the trusted reference
+RELEASED = "released"  # in the work folder: the released modules
 RUNNER_MEMORY = 2 << 30  # bytes of data the trusted process may hold: an answer cannot make it allocate more
 
 
@@ -99,17 +100,21 @@ def has_todos(path):
 
 
 def prepare(pristine, submission, workdir):
-    """workdir/tests: the test files; workdir/modules: the released modules, then the student's. -> notes."""
+    """workdir/tests: the test files; workdir/modules: the released modules, then the student's; workdir/released:
+    the released modules. -> notes."""
     modules = student_modules(pristine)
     taken, skipped = intake(submission, modules)
     os.makedirs(os.path.join(workdir, "tests"))
     os.makedirs(os.path.join(workdir, "modules"))
+    os.makedirs(os.path.join(workdir, RELEASED))
     for name in os.listdir(pristine):
         source = os.path.join(pristine, name)
         if os.path.isfile(source):
             with open(source, "rb") as f:
                 data = f.read()
             write_file(os.path.join(workdir, "modules" if name in modules else "tests", name), data)
+            if name in modules:  # the runner reads its stubs to tell which TODO a hang is in
+                write_file(os.path.join(workdir, RELEASED, name), data)
     for name, data in taken.items():
         write_file(os.path.join(workdir, "modules", name), data)
     if not os.path.isfile(os.path.join(pristine, REFERENCE)):
@@ -221,23 +226,27 @@ def run_runner(workdir, args, events, log, timeout, deadline, on_collected):
 
 
 def run_tests(workdir, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, select=None, trace=(), user=SAME_USER,
-              sealed=None, on_collected=lambda tests: None):
+              sealed=None, on_collected=lambda tests: None, hangs=None):
     """Run the tests of workdir/tests (all of TEST_FILES, or the node ids in select) on workdir/modules,
     student code in a jail run as user (SAME_USER: this process's user), sealed in a sandbox (None: when
-    root); with trace (file names), record the lines each test executes in those files.
+    root); with trace (file names), record the lines each test executes in those files. hangs: a list that
+    gets where tests hung (the runner's "hang" events: instructor/runner.py).
     -> (tests [{nodeid, points, todo}] in order, {nodeid: {passed, output[, lines]}}, problems [str])"""
     deadline = time.monotonic() + total_timeout
     sealed = os.geteuid() == 0 if sealed is None else sealed
+    released = os.path.join(workdir, RELEASED)
     options = ["--modules", os.path.join(workdir, "modules"), "--reference", os.path.join(workdir, REFERENCE),
                "--timeout", str(timeout), *(["--user", user] if user != SAME_USER else []),
-               *([] if sealed else ["--unsealed"]),
+               *([] if sealed else ["--unsealed"]), *(["--released", released] if os.path.isdir(released) else []),
                *(["--trace", ",".join(trace)] if trace else []), *PYTEST_ARGS]
-    tests, results, problems = None, {}, []
+    tests, results, problems, hangs = None, {}, [], [] if hangs is None else hangs
     args = select or [n for n in TEST_FILES if os.path.exists(os.path.join(workdir, "tests", n))]
     with tempfile.TemporaryDirectory(prefix="grader-") as tmp:
         events, log = Events(os.path.join(tmp, "events.jsonl")), os.path.join(tmp, "runner.log")
         while args:
-            seen, stopped, why = run_runner(workdir, options + args, events, log, timeout, deadline, on_collected)
+            known = ["--hangs", json.dumps(hangs)] if hangs else []  # a new runner does not wait for them again
+            seen, stopped, why = run_runner(workdir, options + known + args, events, log, timeout, deadline,
+                                            on_collected)
             done_before = len(results)
             for event in seen:
                 if "collected" in event and tests is None:
@@ -250,6 +259,8 @@ def run_tests(workdir, timeout=TIMEOUT, total_timeout=TOTAL_TIMEOUT, select=None
                     print(f"warning: {event['warning']}", file=sys.stderr)
                 elif "done" in event:
                     results[event.pop("done")] = event
+                elif "hang" in event:
+                    hangs.append(event["hang"])
             if stopped is not None:
                 results[stopped] = {"passed": False, "output": why}
             if tests is None:
@@ -327,6 +338,14 @@ def jail_account(user, sealed):
     return user
 
 
+def hang_note(hang):
+    """One line of the report on a place where a test hung."""
+    from instructor.runner import todos, where_hung  # pytest's import: only when a test hung
+    what = f"{todos(hang['regions'])} hangs" if hang["regions"] else "a hang"
+    return (f"{what} in {where_hung(hang)}: a test timed out there after {hang['seconds']:g} s; the tests after it "
+            f"that cover it or reach that line failed without waiting")
+
+
 def write_json(path, obj):
     """Write obj to path atomically (a new temporary file beside it, never a name someone else made)."""
     atomic_write(path, json.dumps(obj, indent=1), mode=0o644)
@@ -353,8 +372,10 @@ def grade(submission, pristine, out=None, timeout=TIMEOUT, total_timeout=TOTAL_T
         def on_collected(tests):
             if out:
                 write_json(out, failed_report(tests, "not graded: the grader stopped before this test ended", notes))
+        hangs = []
         tests, results, problems = run_tests(workdir, timeout, total_timeout, user=user, sealed=sealed,
-                                             on_collected=on_collected)
+                                             on_collected=on_collected, hangs=hangs)
+    notes += [hang_note(h) for h in hangs]
     result = report(tests, results, notes + problems, time.monotonic() - start)
     if out:
         write_json(out, result)

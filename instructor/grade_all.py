@@ -52,7 +52,7 @@ CANVAS = re.compile(r"^(?P<student>[^_/]+?(?:_LATE)?_\d+)_\d+_(?P<file>.+)$")
 MOODLE = re.compile(r"^(?P<student>.+?_\d+)_assign(?:submission|feedback)_\w+?_?$")
 BRIGHTSPACE = re.compile(r"^\d+-\d+ - (?P<student>.+?) - .+$")
 RESUBMITTED = re.compile(r"^(?P<stem>.+?)-\d+(?P<ext>\.\w+)$")  # Canvas renames a second gpt.py to gpt-1.py
-GROUPS = {"public": "unittests.py", "hidden": "hidden_tests.py"}
+GROUPS = ("public", "hidden")  # the test groups of grades.csv: hidden tests' names start with "hidden: "
 
 
 class Refused(Exception):
@@ -342,8 +342,8 @@ def rows(out, tests):
             continue
         row = {"student": result.get("extra_data", {}).get("student", name[:-5]), "total": result["score"],
                "max": sum(t["max_score"] for t in result["tests"])}
-        for group, file in GROUPS.items():
-            row[group] = sum(t["score"] for t in result["tests"] if (t["name"].startswith("hidden: ")) == (group == "hidden"))
+        for group in GROUPS:
+            row[group] = sum(t["score"] for t in result["tests"] if t["name"].startswith("hidden: ") == (group == "hidden"))
         for region in regions:
             row[f"TODO[{region}]"] = sum(t["score"] for t in result["tests"]
                                          if region in checks.get(t["name"].removeprefix("hidden: "), ()))

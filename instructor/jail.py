@@ -145,6 +145,7 @@ class Jail:
             raise SealError(f"bubblewrap (bwrap) is not installed, and it seals student code: apt-get install "
                             f"bubblewrap, or pass {UNSEALED} to grade without it")
         self.proc = self.control = self.scratch = self.output = None
+        self.inside = (MODULES, GRADER)
 
     def preexec(self):
         """In the jail process, between fork and exec (as root when the grader is)."""
@@ -185,6 +186,7 @@ class Jail:
             command, where = bwrap_command(modules, grader), (MODULES, GRADER)
         else:
             command, where = [], (modules, grader)
+        self.inside = where  # the folders of the student's modules and of jailed.py, as the jail sees them
         ours, theirs = socket.socketpair()
         read_end, write_end = os.pipe()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", "LANG": "C.UTF-8",
@@ -244,21 +246,30 @@ class Jail:
         return self.proc is not None and self.proc.poll() is None
 
     def child(self):
-        """A fresh child for one test. -> the socket to talk to it (instructor/remote.py's Session)."""
+        """A fresh child for one test. -> (the socket to talk to it, the read end of the pipe where it writes its
+        stacks when a request runs too long, non-blocking) (instructor/remote.py's Session)."""
         if not self.alive():
             self.start()
         self.wait_ready()
         ours, theirs = socket.socketpair()
+        stacks, stacks_end = os.pipe()
         try:
-            socket.send_fds(self.control, [b"F"], [theirs.fileno()])
-        except OSError:
-            self.start()
-            self.wait_ready()
-            socket.send_fds(self.control, [b"F"], [theirs.fileno()])
+            try:
+                socket.send_fds(self.control, [b"F"], [theirs.fileno(), stacks_end])
+            except OSError:
+                self.start()
+                self.wait_ready()
+                socket.send_fds(self.control, [b"F"], [theirs.fileno(), stacks_end])
+        except BaseException:
+            ours.close()
+            os.close(stacks)
+            raise
         finally:
             theirs.close()
+            os.close(stacks_end)
+        os.set_blocking(stacks, False)
         self.output.take(settle=0)
-        return ours
+        return ours, stacks
 
     def end_child(self):
         """Kill the current test's child and everything it started. -> its exit code as the jail saw it, or None."""

@@ -10,16 +10,30 @@ of that PID space, with its own /proc and /dev/shm, as user UID under no_new_pri
 grader's requests on the socket (import a student module from MODULES, read or set an attribute, call,
 index, iterate). On "K" from the grader it kills that process, which takes every process of the test
 with it, and reports its exit code. Student code runs only in those processes; nothing here is trusted.
+
+Hangs: with each test's socket comes a pipe. At the test's first request (and again at a request that
+comes after it went off), faulthandler's watchdog (a thread of C, which needs neither the GIL nor signals)
+is armed to write the stacks of every thread to that pipe shortly before the test's time runs out, so
+that the grader can tell where a hung test was. After a hang the grader sends the places where earlier
+tests hung ("watch": [file, function, line]); a test that reaches one of them stops there at once and its
+reply says which ({"watched": index}) instead of waiting for a timeout.
 """
 
+import ast
+import builtins
 import ctypes
+import faulthandler
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import resource
 import signal
 import socket
 import struct
 import sys
+import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,11 +57,91 @@ def forbidding(name):
     return forbidden
 
 
+class Watched(BaseException):
+    """Raised where a test reaches a place where an earlier test hung (not an Exception: `except Exception` in
+    student code does not stop it, and the reply says "watched" whatever the code does with it)."""
+
+
+class Watch(importlib.abc.MetaPathFinder):
+    """Stops the test where it reaches one of some lines (places where earlier tests hung): the student's modules
+    that hold them are compiled with a call before the innermost statement on each of those lines, in the
+    function named there, so that nothing else runs slower."""
+
+    CALL = "__grader_hung_here__"  # a builtin of this process: the call put in the student's code
+
+    def __init__(self, server, spots):
+        self.server, self.spots = server, {}
+        for i, spot in enumerate(spots):
+            if type(spot) is list and len(spot) == 3 and all(type(x) is str for x in spot[:2]) \
+                    and type(spot[2]) is int:
+                self.spots.setdefault(os.path.join(MODULES, spot[0]), []).append((spot[1], spot[2], i))
+
+    def start(self):
+        if self.spots:
+            setattr(builtins, self.CALL, self.hit)
+            sys.meta_path.insert(0, self)
+
+    def hit(self, i):
+        self.server.hit = i
+        raise Watched()
+
+    def find_spec(self, name, path=None, target=None):
+        if path is not None or os.path.join(MODULES, name + ".py") not in self.spots:
+            return None  # not a student's module with a watched line: the usual finders
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.origin not in self.spots \
+                or type(spec.loader) is not importlib.machinery.SourceFileLoader:
+            return None
+        spec.loader = Watching(name, spec.origin, self)
+        return spec
+
+    def mark(self, tree, path):
+        """Put the calls into tree, the parsed module at path."""
+        scope, depth, siblings = {tree: "<module>"}, {tree: 0}, {}  # the function (code object) each node runs in
+        for node in ast.walk(tree):  # breadth first: a node's scope is known before its children's
+            named = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))  # a code object of its own
+            inner = node.name if named else scope[node]
+            for value in (v for _, v in ast.iter_fields(node)):
+                for child in value if type(value) is list else [value]:
+                    if isinstance(child, ast.AST):
+                        scope[child], depth[child] = inner, depth[node] + 1
+                        if type(value) is list and isinstance(child, ast.stmt):
+                            siblings[child] = value
+        for function, line, i in self.spots[path]:
+            inside = [n for n in siblings if n.lineno <= line <= (n.end_lineno or n.lineno)]
+            if not inside:
+                continue
+            stmt = max(inside, key=depth.get)  # the innermost statement on that line
+            if scope[stmt] != function:
+                continue
+            call = ast.Expr(ast.Call(ast.Name(self.CALL, ast.Load()), [ast.Constant(i)], []))
+            siblings[stmt].insert(siblings[stmt].index(stmt), ast.fix_missing_locations(ast.copy_location(call, stmt)))
+
+
+class Watching(importlib.machinery.SourceFileLoader):
+    """Compiles a student's module with Watch's calls in it."""
+
+    def __init__(self, name, path, watch):
+        super().__init__(name, path)
+        self.watch = watch
+
+    def source_to_code(self, data, path, *args, **kwargs):
+        try:
+            tree = ast.parse(importlib.util.decode_source(data), path)
+            self.watch.mark(tree, path)
+            return compile(tree, path, "exec", dont_inherit=True)
+        except Exception:  # as it is, then: a test that reaches the place hangs again
+            return super().source_to_code(data, path, *args, **kwargs)
+
+
 class Server:
     """Serves one test: objects made for the grader stay here, named by handles."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, stacks=None):
         self.sock, self.objects, self.patched, self.tracer = sock, [], {}, None
+        self.stacks = stacks  # the pipe where faulthandler writes the stacks when a request runs too long
+        self.dump_at = None  # when it does (time.monotonic())
+        self.hit = None  # the watched place this test reached
         self.written = []  # [position, tensor] of the last call's tensor arguments that it changed in place
 
     def handle(self, obj):
@@ -103,6 +197,10 @@ class Server:
             return self.tracer.start()
         if op == "untrace":
             return self.tracer.stop() if self.tracer else {}
+        if op == "watch":
+            if type(request.get("spots")) is not list:
+                raise wire.WireError("malformed watch")
+            return Watch(self, request["spots"]).start()
         raise wire.WireError(f"unknown request {op!r}")
 
     def serve(self):
@@ -111,6 +209,11 @@ class Server:
                 request = wire.unpack(wire.recv(self.sock), self.lookup)
             except EOFError:
                 return
+            dump_in, now = request.get("dump_in"), time.monotonic()
+            if self.stacks is not None and type(dump_in) in (int, float) and 0 <= dump_in < 1e6 \
+                    and (self.dump_at is None or now >= self.dump_at):  # once per test, unless it went off already
+                faulthandler.dump_traceback_later(max(dump_in, 0.001), file=self.stacks)
+                self.dump_at = now + dump_in
             try:
                 if request["rng"] is not None:  # the test drew or seeded: its stream is ours from here
                     torch.set_rng_state(request["rng"])
@@ -129,6 +232,8 @@ class Server:
                 base = next(c for c in type(e).__mro__ if c.__module__ == "builtins")  # DataError -> ValueError
                 reply = {"error": {"type": type(e).__name__[:80], "base": base.__name__, "message": str(e)[:4000],
                                    "where": where(e)}}
+            if self.hit is not None:  # whatever the code did after: the test reached a place that hung before
+                reply = {"watched": self.hit}
             sys.stdout.flush()
             sys.stderr.flush()
             try:
@@ -197,9 +302,10 @@ def isolate(uid, gid, nproc, sealed):
     os.chdir(MODULES)
 
 
-def run_test(sock, control, uid, gid, nproc, sealed):
-    """Fork the test's process (in a new PID and IPC space when sealed). -> (the forked child, the test's pid,
-    a pipe that gives the test's exit code once it ended)."""
+def run_test(sock, stacks, control, uid, gid, nproc, sealed):
+    """Fork the test's process (in a new PID and IPC space when sealed), serving sock, its stacks written to the
+    pipe stacks (an fd, or None) when a request runs too long. -> (the forked child, the test's pid, a pipe that
+    gives the test's exit code once it ended)."""
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
@@ -212,9 +318,11 @@ def run_test(sock, control, uid, gid, nproc, sealed):
             if test == 0:
                 os.close(write_end)
                 isolate(uid, gid, nproc, sealed)
-                Server(sock).serve()
+                Server(sock, stacks).serve()
                 os._exit(0)
             sock.close()
+            if stacks is not None:
+                os.close(stacks)
             os.write(write_end, struct.pack("<i", test))
             _, status = os.waitpid(test, 0)  # process 1 ends only when every process of its PID space has
             os.write(write_end, struct.pack("<i", os.waitstatus_to_exitcode(status)))
@@ -222,6 +330,8 @@ def run_test(sock, control, uid, gid, nproc, sealed):
             os._exit(0)
     os.close(write_end)
     sock.close()
+    if stacks is not None:
+        os.close(stacks)
     test = os.read(read_end, 4)
     return child, struct.unpack("<i", test)[0] if len(test) == 4 else None, read_end
 
@@ -232,12 +342,13 @@ def main():
     control.sendall(b"R")  # ready: torch imported
     while True:
         try:
-            _, fds, _, _ = socket.recv_fds(control, 1, 1)
+            _, fds, _, _ = socket.recv_fds(control, 1, 2)
         except OSError:
             return
         if not fds:
             return  # the grader closed the control socket
-        child, test, codes = run_test(socket.socket(fileno=fds[0]), control, uid, gid, nproc, sealed)
+        child, test, codes = run_test(socket.socket(fileno=fds[0]), fds[1] if len(fds) > 1 else None, control, uid,
+                                      gid, nproc, sealed)
         end = control.recv(1)  # "K": the test is over
         if test is not None:
             try:

@@ -12,11 +12,21 @@ comes back. A call's in-place writes to the test's tensors are mirrored into the
 reference values, grade-time inputs and hidden tests never leave the trusted process; the jail only
 answers questions. A late, oversized, malformed or missing answer raises JailError:
 that test fails, its child is killed, and the grading goes on.
+
+When a request runs out of time, the stacks its child wrote shortly before (instructor/jailed.py) say where
+it hung: parse_stacks keeps, of the thread that serves the requests, only the frames of the student's files
+as (file name, line number, function name), each checked against a pattern; the runner tells from them,
+with its own copies of the files, which function and TODO region hung (instructor/runner.py). A test that
+reaches a place where an earlier test hung stops at once: its child answers "watched" with the index of
+one of the places this side sent, and this side says why from its own list.
 """
 
 import importlib.abc
 import importlib.machinery
+import os
+import re
 import sys
+import time
 import types
 
 import torch
@@ -30,6 +40,14 @@ EXCEPTIONS = {e.__name__: e for e in (
     ModuleNotFoundError, NameError, NotImplementedError, OverflowError, RecursionError, RuntimeError, SyntaxError,
     TypeError, UnboundLocalError, ValueError, ZeroDivisionError)}
 WATCHED = (torch, F)  # modules whose functions a test may monkeypatch, forwarded to the jail
+TIMED_OUT = "timed out: still running after the test's time limit, stopped"
+STACKS_LIMIT = 256 << 10  # bytes of stacks read from a hung child
+STACKS_WAIT = 0.5  # seconds to wait for stacks that are not there yet when the time ran out
+MAX_FRAMES = 100
+THREAD = re.compile(r"(?:Current thread|Thread) 0x[0-9a-f]{1,16}\b.{0,200}\(most recent call first\):")
+FRAME = re.compile(r'  File "([^"\n]{1,1000})", line ([0-9]{1,9}) in (\S{1,200})')
+FUNCTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}|<(?:module|lambda|listcomp|setcomp|dictcomp|genexpr)>")
+MODULE_FILE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}\.py")
 
 
 def monkeypatched():
@@ -55,9 +73,16 @@ class Session:
 
     reseeded = False  # torch.manual_seed was called since the last request
 
-    def __init__(self, jail, sock, deadline):
+    def __init__(self, jail, sock, deadline, stacks=None, watches=(), on_timeout=None):
+        """stacks: the pipe where the child writes its stacks before the deadline (an fd, owned from here on);
+        watches: [([file, function, line], why)], the places where earlier tests hung (the child stops there);
+        on_timeout(frames, seconds the request ran) -> why the test failed (None: say only that it timed out),
+        frames as parse_stacks gives them."""
         self.jail, self.sock, self.deadline, self.dead, self.code = jail, sock, deadline, None, None
         self.sent = None  # the RNG state sent last: the jail's stream went on from it
+        self.stacks, self.watches, self.on_timeout = stacks, list(watches), on_timeout
+        self.margin = min(1.0, max(0.0, 0.1 * (deadline - time.monotonic())))  # stacks written this long before
+        self.stopped = None  # why the test fails whatever it does with the error: it timed out, or reached a hang
 
     def handle(self, value):
         if isinstance(value, RemoteTensor):  # the jail's own tensor goes back as itself
@@ -86,25 +111,36 @@ class Session:
         else:
             rng = None  # unchanged here: the jail's stream goes on
         autocast = str(torch.get_autocast_dtype("cpu")) if torch.is_autocast_enabled("cpu") else None
+        left = self.deadline - time.monotonic()
+        dump_in = max(left - self.margin, left / 2, 0.0) if self.stacks is not None else None  # the child's stacks
         message = {"op": op, "target": target, **fields, "rng": rng, "grad": torch.is_grad_enabled(),
-                   "autocast": autocast, "device": str(torch.get_default_device()), "forbid": monkeypatched()}
+                   "autocast": autocast, "device": str(torch.get_default_device()), "forbid": monkeypatched(),
+                   "dump_in": dump_in}
         data = wire.pack(message, self.handle)  # TypeError / WireError: the test's own fault, not the jail's
+        sent = time.monotonic()
         try:
             wire.send(self.sock, data)
             reply = wire.unpack(wire.recv(self.sock, self.deadline), self.remote, self.tracked)
-            if type(reply) is not dict or set(reply) not in ({"ok", "written"}, {"error"}):
+            if type(reply) is not dict or set(reply) not in ({"ok", "written"}, {"error"}, {"watched"}):
                 raise wire.WireError("an answer that is neither a value nor an error")
-            if "error" in reply:
+            if "watched" in reply:
+                if type(reply["watched"]) is not int or not 0 <= reply["watched"] < len(self.watches):
+                    raise wire.WireError("a place where a test hung that the grader did not name")
+            elif "error" in reply:
                 error = remote_error(reply["error"])
             else:
                 written = in_place_writes(reply["written"], fields.get("args", []), fields.get("kwargs", {}))
         except TimeoutError:
-            self.kill("timed out: still running after the test's time limit, stopped")
+            self.timed_out(time.monotonic() - sent)
         except (EOFError, OSError):
             self.kill("the process running your code died during this test")
         except (wire.WireError, KeyError, TypeError, RuntimeError) as e:
             self.kill(f"your code sent an answer that cannot be checked: {e}")
         if self.dead:
+            raise JailError(self.dead)
+        if "watched" in reply:
+            self.stopped = self.watches[reply["watched"]][1]
+            self.kill(self.stopped, ours=True)
             raise JailError(self.dead)
         if "error" in reply:
             raise error
@@ -113,14 +149,55 @@ class Session:
                 original.copy_(value)
         return reply["ok"]
 
-    def kill(self, why):
-        """End the child: nothing it says from now on counts."""
+    def timed_out(self, ran):
+        """The request in flight ran out of time (for ran seconds): where its child was, then end it."""
+        why = None
+        if self.on_timeout is not None:
+            try:
+                frames = parse_stacks(self.read_stacks(), *self.jail.inside)
+                why = self.on_timeout(frames, ran) if frames else None
+            except Exception:  # where it hung stays untold; the test fails all the same
+                why = None
+        self.stopped = why or TIMED_OUT
+        self.kill(self.stopped, ours=why is not None)
+
+    def read_stacks(self):
+        """What the child wrote to the stacks pipe (waiting a moment when nothing is there yet), bounded."""
+        if self.stacks is None:
+            return ""
+        data, quiet = bytearray(), None
+        give_up = time.monotonic() + max(min(self.margin, STACKS_WAIT), 0.05)  # however slowly it trickles in
+        while len(data) < STACKS_LIMIT:
+            try:
+                chunk = os.read(self.stacks, STACKS_LIMIT - len(data))
+            except BlockingIOError:
+                chunk = None
+            except OSError:
+                break
+            if chunk == b"":
+                break  # nobody can write any more
+            now = time.monotonic()
+            if chunk:
+                data += chunk
+                quiet = now + 0.05  # a dump is written line by line: wait for its end
+            if now >= give_up or (quiet is not None and now >= quiet):
+                break
+            if not chunk:
+                time.sleep(0.01)
+        return data.decode("ascii", "replace")
+
+    def kill(self, why, ours=False):
+        """End the child: nothing it says from now on counts. ours: this side stops it (how it ended is then no
+        news)."""
         self.close()
         self.code = self.jail.end_child()
-        self.dead = why + (f" ({describe(self.code)})" if self.code not in (None, 0) else "")
+        self.dead = why + (f" ({describe(self.code)})" if self.code not in (None, 0) and not ours else "")
 
     def close(self):
         self.sock.close()
+        if self.stacks is not None:
+            os.close(self.stacks)
+            self.stacks = None
 
     def end(self):
         """The end of the test: its child and what it started are killed. -> what it printed."""
@@ -147,6 +224,31 @@ def in_place_writes(written, args, kwargs):
             raise wire.WireError("an in-place write that does not fit the argument")
         pairs.append((original, value))
     return pairs
+
+
+def parse_stacks(text, modules, grader):
+    """[(file name, line, function)]: the frames of the student's files (in folder modules) in the thread that
+    serves the requests (a frame of run() in grader/jailed.py) of the last dump of faulthandler in text,
+    innermost first. Nothing else of the text is kept; each part is checked against a pattern."""
+    lines = text.split("\n")
+    last = max((i for i, line in enumerate(lines) if line.startswith("Timeout (")), default=-1)
+    thread, serving = [], None
+    for line in lines[last + 1:] + [""]:
+        if THREAD.fullmatch(line) or not line:
+            if serving is not None:
+                break
+            thread = []
+            continue
+        match = FRAME.fullmatch(line)
+        if match is None:
+            continue
+        path, number, function = match.group(1), int(match.group(2)), match.group(3)
+        if path == os.path.join(grader, "jailed.py") and function == "run":
+            serving = thread
+        elif serving is None and os.path.dirname(path) == modules and MODULE_FILE.fullmatch(os.path.basename(path)) \
+                and FUNCTION.fullmatch(function) and 1 <= number <= 10 ** 7 and len(thread) < MAX_FRAMES:
+            thread.append((os.path.basename(path), number, function))
+    return serving or []
 
 
 def describe(code):
