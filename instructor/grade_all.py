@@ -127,7 +127,9 @@ def by_student(members):
     for m in members:
         top, _, rest = m.path.replace("\\", "/").partition("/")
         canvas = CANVAS.match(top)
-        if m.read is None and not m.problem:  # a folder: its student exists, even with nothing in it
+        if top in ("", ".", "..") or re.match(r"^[A-Za-z]:$", top):  # the archive's own path escapes: no one's
+            ignored.append(m.path)
+        elif m.read is None and not m.problem:  # a folder: its student exists, even with nothing in it
             students.setdefault(student_name(top), [])
         elif rest:
             students.setdefault(student_name(top), []).append(m._replace(path=rest))

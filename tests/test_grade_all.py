@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 from instructor import check, grade_all, regions
-from test_grading_security import HOSTILE_MARK, HOSTILE, needs_jail
+from test_grading_security import HOSTILE, HOSTILE_MARK, jail_usable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("gpt.py", "dataset.py")
@@ -98,7 +98,11 @@ def test_intake_reads_canvas_moodle_and_brightspace_and_refuses_per_student(tmp_
 
 @pytest.mark.slow
 def test_a_class_is_graded_as_each_alone_resumes_and_survives_ctrl_c(tmp_path):
-    needs_jail()
+    why = jail_usable()  # the sandbox, as `instructor grade` uses it (as root, with bubblewrap)
+    if why and os.environ.get("MICROGPT_REQUIRE_ROOT") == "1":
+        pytest.fail(f"MICROGPT_REQUIRE_ROOT=1 but {why}")
+    if why:
+        pytest.skip(why)
     students = the_class()
     archive = tmp_path / "canvas.zip"
     slip = zipfile.ZipInfo("../outside.py")
@@ -114,8 +118,8 @@ def test_a_class_is_graded_as_each_alone_resumes_and_survives_ctrl_c(tmp_path):
     for student, files in students.items():
         alone = tmp_path / "alone" / student
         alone.mkdir(parents=True)
-        for name, text in files.items():
-            (alone / name).write_text(text)
+        for module, text in files.items():
+            (alone / module).write_text(text)
         graded = subprocess.run([sys.executable, "-m", "instructor", "grade", str(alone), "--out",
                                  str(alone / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
         expected = json.loads((alone / "results.json").read_text())["score"]
@@ -147,4 +151,6 @@ def test_a_class_is_graded_as_each_alone_resumes_and_survives_ctrl_c(tmp_path):
     assert json.loads(first.read_text())["score"] == total["honest"] and not second.exists()
     assert not list((out / "results").glob("*.grading"))
     final = grade_all_cli(str(archive), "--out", str(out), "--jobs", "2")
-    assert final.returncode == 0 and grades(out) == rows
+    def without_time(table):
+        return {student: {k: v for k, v in row.items() if k != "seconds"} for student, row in table.items()}
+    assert final.returncode == 0 and without_time(grades(out)) == without_time(rows)
