@@ -907,6 +907,9 @@ def test_cached_decoding_equals_uncached(abs_emb):
                   "greedy decoding with the KV cache (the new tokens sit at positions offset.. offset+T-1)", todo)
 
 
+LOOSE = (1e-4, 1e-3)  # atol, rtol
+
+
 @pytest.mark.parametrize("abs_emb", [False, True], ids=["rope", "learned"])
 @graded(1, "attn_mask", "gpt_embed", "rotary", needs=("block", "gpt_logits", "sample_greedy", "attn_qkv",
                                                       "attn_scores", "attn_softmax", "attn_values", "attn_flash",
@@ -930,13 +933,15 @@ def test_cached_decoding_in_chunks(abs_emb):
 
     def feed(cache, start, end, after):
         logits = checked(model(full[:, start:end], cache=cache)[0], (B, end - start, 13), "logits", "gpt_logits")
-        if end - start == 1 and start > 0 and not close(logits, expected[:, start:end]) and close(
-                logits, plain_forward(weights, config, full[:, start:end], start=start)):
+        # sharpened attention amplifies fp32 rounding (another order of the same sums): 10x the usual tolerance,
+        # far below what a key at a wrong position changes
+        if end - start == 1 and start > 0 and not close(logits, expected[:, start:end], *LOOSE) and close(
+                logits, plain_forward(weights, config, full[:, start:end], start=start), *LOOSE):
             fail(f"logits of token {start} fed alone after {start} cached positions ignore them: the cache must reach "
                  "every attention (block(x, cache) in TODO[gpt_logits], self.attn(..., cache))", "block")
         where = f"position {start}" if end - start == 1 else f"positions {start}..{end - 1}"
         assert_close(logits, expected[:, start:end], f"logits of {where} fed {after}", todo
-                     if end - start == 1 or start == 0 else "attn_mask")
+                     if end - start == 1 or start == 0 else "attn_mask", *LOOSE)
 
     cache = gpt.KVCache(gpt.GPTConfig(**config), B, torch.device("cpu"), torch.float32)
     feed(cache, 0, T, "as the prompt with an empty KV cache")
@@ -1049,30 +1054,32 @@ def filtered(logits, temperature, top_k):
 
 @graded(2, "sample_top_p", "sample_temperature", needs=("sample_top_k", "sample_draw"))
 def test_temperature_then_top_k_then_top_p_distribution():
-    """Temperature first, then top-k, then top-p on what is left: the support and the probabilities."""
-    width = 0.0
-    while width < 0.05:  # until some top_p keeps fewer ids of the tempered probabilities than of the untempered
-        V = pick(8, 13)
-        logits, temperature, top_k = spread_logits(V, 3.0), 0.3 + 0.5 * float(rand(())), pick(4, V)
-        probs, untempered = filtered(logits, temperature, top_k), filtered(logits, 1.0, top_k)
-        _, above = ranked(probs)
-        _, above_untempered = ranked(untempered)  # the same ranking; less mass above each id
-        j = pick(2, top_k)
-        low, high = max(above[j - 1], above_untempered[j]), above[j]
-        width = float(high - low)
-    top_p = float(low + (0.25 + 0.5 * rand(())) * (high - low))
-    ids = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    order, above = ranked(probs)
-    probs[order[j:]] = 0
-    probs /= probs.sum()
-    support = sorted(order[:j].tolist())
-    if sorted(set(ids.tolist())) != support:
-        fail(f"temperature {temperature:.3f}, top_k {top_k}, top_p {top_p:.4f}: expected ids {support} (temperature "
-             f"first, then top-k, then top-p on the tempered probabilities), got {sorted(set(ids.tolist()))}",
-             "sample_top_p")
-    freq = torch.bincount(ids, minlength=V).float() / len(ids)
-    assert_close(freq, probs, f"frequencies of {len(ids)} samples vs the renormalised probabilities", "sample_draw",
-                 atol=0.02)  # at least 5.6 standard deviations of a frequency
+    """Temperature first, then top-k, then top-p on what is left: the support and the probabilities, on three draws (a
+    wrong order that happens to keep the same ids on one draw does not on all)."""
+    for _ in range(3):
+        width = 0.0
+        while width < 0.05:  # until some top_p keeps fewer ids of the tempered probabilities than of the untempered
+            V = pick(8, 13)
+            logits, temperature, top_k = spread_logits(V, 3.0), 0.3 + 0.5 * float(rand(())), pick(4, V)
+            probs, untempered = filtered(logits, temperature, top_k), filtered(logits, 1.0, top_k)
+            _, above = ranked(probs)
+            _, above_untempered = ranked(untempered)  # the same ranking; less mass above each id
+            j = pick(2, top_k)
+            low, high = max(above[j - 1], above_untempered[j]), above[j]
+            width = float(high - low)
+        top_p = float(low + (0.25 + 0.5 * rand(())) * (high - low))
+        ids = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        order, above = ranked(probs)
+        probs[order[j:]] = 0
+        probs /= probs.sum()
+        support = sorted(order[:j].tolist())
+        if sorted(set(ids.tolist())) != support:
+            fail(f"temperature {temperature:.3f}, top_k {top_k}, top_p {top_p:.4f}: expected ids {support} (temperature "
+                 f"first, then top-k, then top-p on the tempered probabilities), got {sorted(set(ids.tolist()))}",
+                 "sample_top_p")
+        freq = torch.bincount(ids, minlength=V).float() / len(ids)
+        assert_close(freq, probs, f"frequencies of {len(ids)} samples vs the renormalised probabilities", "sample_draw",
+                     atol=0.02)  # at least 5.6 standard deviations of a frequency
 
 
 @graded(2, "sample_draw", "sample_temperature", needs=("gpt_embed", "gpt_logits"))

@@ -1,4 +1,4 @@
-"""The project's tests come in two sets. `python -m pytest` runs the quick one (about 35 s, installs
+"""The project's tests come in two sets. `python -m pytest` runs the quick one (about 50 s, installs
 nothing); `python -m pytest --full` (what CI runs) adds the tests marked slow: grading hostile submissions,
 `instructor check`, training end to end with kills, signals, DDP and full disks, and the Slurm integration
 tests, which install Debian's slurm-wlm, munge and shellcheck with apt when they are missing (as root); as
