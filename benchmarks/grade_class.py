@@ -9,6 +9,11 @@ renamed; all of it delivered as a Canvas bulk download (a flat zip of <name>_<id
 
     python benchmarks/grade_class.py --out /tmp/class                # about 130 students, --jobs 2
     python benchmarks/grade_class.py --out /tmp/class --honest 5 --mistakes 10 --compare
+    python benchmarks/grade_class.py --out /tmp/class --slurm        # then through slurm/grade_class.sh (as root)
+
+--slurm grades the same class again as a job array on the single-node Slurm the tests start
+(tests/slurm_cluster.py): --jobs tasks of one core each, then the merge; it prints the time from submitting to
+the merged grades.csv and checks that every student has the same total as on one machine.
 """
 
 import argparse
@@ -85,7 +90,7 @@ def build(seed, n_honest, n_mistakes, pairs):
         if case in ZOO:
             built = release_folder()
             try:
-                students[f"zoo_{case}"] = submission_files(built, case, {})
+                students[f"zoo{case.replace('_', '')}"] = submission_files(built, case, {})
             except (KeyError, TypeError):
                 pass
     return students
@@ -124,6 +129,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare", action="store_true", help="also grade each student alone and compare totals")
+    parser.add_argument("--slurm", action="store_true", help="also grade the class as a Slurm job array")
     parser.add_argument("--grade-options", default="", help="passed on to grade-all and grade, e.g. --not-tamper-proof")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -139,15 +145,48 @@ def main():
           f"{seconds / len(students):.2f} s per submission ({os.cpu_count()} cores)")
     if args.compare:
         compare(students, args)
+    if args.slurm:
+        on_slurm(archive, args)
+
+
+def totals(path):
+    import csv
+
+    with open(path, encoding="utf-8") as f:
+        return {row["student"]: float(row["total"]) for row in csv.DictReader(f)}
+
+
+def on_slurm(archive, args):
+    """The class through slurm/grade_class.sh: an array of --jobs one-core tasks, then the merge."""
+    from slurm_cluster import SlurmCluster  # tests/slurm_cluster.py
+
+    out, logs = os.path.join(args.out, "slurm"), os.path.join(args.out, "slurm-logs")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(logs, exist_ok=True)
+    with SlurmCluster() as cluster:
+        env = dict(cluster.env, PATH=os.path.dirname(sys.executable) + os.pathsep + cluster.env["PATH"],
+                   VENV=sys.prefix)
+        start = time.perf_counter()
+        submitted = subprocess.run(["bash", "slurm/grade_class.sh", f"--array=0-{args.jobs - 1}", "--partition=cpu",
+                                    "--cpus-per-task=1", f"--output={logs}/%x-%j.out", f"--error={logs}/%x-%j.err",
+                                    archive, out, *args.grade_options.split()], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, check=True)
+        merge = re.search(r"^job (\d+) then writes", submitted.stdout, re.M).group(1)
+        info = cluster.wait_state(merge, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=7200, interval=1)
+        seconds = time.perf_counter() - start
+    assert info["JobState"] == "COMPLETED", cluster.diagnostics(merge)
+    here, there = totals(os.path.join(args.out, "graded", "grades.csv")), totals(os.path.join(out, "grades.csv"))
+    differ = sorted(s for s in here if here[s] != there.get(s))
+    print(f"Slurm array of {args.jobs} one-core tasks, then the merge: {seconds:.0f} s for {len(there)} students = "
+          f"{seconds / len(there):.2f} s per submission (submit to merged report); "
+          + ("every total as on one machine" if not differ and len(here) == len(there) else f"differ: {differ}"))
 
 
 def compare(students, args):
-    import csv
     import json
     import tempfile
 
-    with open(os.path.join(args.out, "graded", "grades.csv"), encoding="utf-8") as f:
-        totals = {row["student"]: float(row["total"]) for row in csv.DictReader(f)}
+    graded = totals(os.path.join(args.out, "graded", "grades.csv"))
     differ = []
     for student, files in sorted(students.items()):
         number = 1000 + sorted(students).index(student)
@@ -160,8 +199,8 @@ def compare(students, args):
             subprocess.run([sys.executable, "-m", "instructor", "grade", folder, "--out", out,
                             *args.grade_options.split()], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             alone = json.load(open(out))["score"] if os.path.exists(out) else 0.0
-        if totals.get(key) != alone:
-            differ.append((key, totals.get(key), alone))
+        if graded.get(key) != alone:
+            differ.append((key, graded.get(key), alone))
     print(f"compared {len(students)} students with one-by-one grading: "
           + ("all the same" if not differ else f"{len(differ)} differ: {differ}"))
     shutil.rmtree(release_folder(), ignore_errors=True) if _RELEASE else None

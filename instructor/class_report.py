@@ -7,8 +7,8 @@ and the suspected copies side by side in DIR/report/copies.html.
   2. regions: for each TODO region, the share of graded students who pass every test that checks it;
   3. mistakes: which catalogued mistakes (instructor/mistakes.py) the failing submissions match. A mistake's
      signature is the set of graded tests that fail with it: check's mutant workers run the solution with that
-     one region replaced (our own code; no student code runs outside the sandbox) on the tests that cover the
-     region, on the stored inputs, once per class (a minute or two), cached in DIR/catalogue.json. A student who
+     one region replaced (our own code; no student code runs outside the sandbox) on every graded test (a
+     mistake upstream fails tests downstream: those failures are its own), on the stored inputs, once per class (a minute or two), cached in DIR/catalogue.json. A student who
      fails a region (a failing test that checks it names TODO[region], or no TODO) may hold the mistakes whose
      failing tests among those that check the region are exactly the student's; of those, and across regions
      (a mistake fails other regions' tests too), the one that accounts best for all the student's failing tests
@@ -163,7 +163,9 @@ def signatures(out, tests):
     for m in entries:
         if m.kind == "mistake":
             unique.setdefault((m.region, tuple(m.code)), m)
-    covering = {r: [t["nodeid"] for t in tests if r in t["todo"]] for r, _ in unique}
+    # every test, not only those that check the region: a mistake upstream also fails tests downstream (a wrong
+    # rotary embedding fails greedy decoding), and only a full signature says that those failures are its own
+    covering = dict.fromkeys((r for r, _ in unique), [t["nodeid"] for t in tests])
     solution = solution_modules(pristine)
     failing, errors = {}, list(problems)
     with tempfile.TemporaryDirectory(prefix="class-report-") as tmp, \
@@ -348,7 +350,7 @@ def mistakes_section(out, tests, failed, checking):
             stubs[r].append(student)
     order = {r: n for n, r in enumerate(checking)}
     lines = ["## Mistakes", "",
-             f"The catalogue's {len(catalogue['mistakes'])} mistakes, each run on the tests that cover its region "
+             f"The catalogue's {len(catalogue['mistakes'])} mistakes, each run on every graded test "
              f"({catalogue['seconds']:g} s, cached in catalogue.json), matched to the failing regions of "
              f"{len(failed)} graded students: the same failing tests among those that check the region; of several, "
              f"the one that accounts for most of the student's failing tests, then the one closest to the student's "

@@ -50,6 +50,7 @@ SAME_USER = "same user"  # jail_user value: run student code as this process's u
 REFERENCE = os.path.join("reference", "gpt.py")  # in the pristine folder: the trusted reference
 RELEASED = "released"  # in the work folder: the released modules
 RUNNER_MEMORY = 2 << 30  # bytes of data the trusted process may hold: an answer cannot make it allocate more
+WARM = False  # set by instructor/warm.py: this process has the trusted process's imports, so it forks it
 
 
 class GradeError(Exception):
@@ -189,14 +190,68 @@ def runner_limits():
     resource.setrlimit(resource.RLIMIT_DATA, (RUNNER_MEMORY, resource.getrlimit(resource.RLIMIT_DATA)[1]))
 
 
+class Forked:
+    """A child forked from this process, with the part of Popen's interface run_runner uses."""
+
+    def __init__(self, pid):
+        self.pid, self.returncode = pid, None
+
+    def poll(self, flags=os.WNOHANG):
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, flags)
+            except ChildProcessError:  # reaped by kill() (procs.reap) after it was killed
+                pid, status = self.pid, -signal.SIGKILL
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else status
+        return self.returncode
+
+    def wait(self):
+        return self.poll(0)
+
+    def kill(self):
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def start_runner(args, cwd, env, out):
+    """The trusted test process: `python -m instructor.runner ARGS` in cwd, output to out; forked from this
+    process, with the same environment, limits and session, when it is warm (WARM)."""
+    if not WARM:
+        return subprocess.Popen([sys.executable, "-m", "instructor.runner", *args], cwd=cwd, env=env,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=runner_limits)
+    pid = os.fork()
+    if pid:
+        return Forked(pid)
+    code = 1
+    try:
+        os.setsid()
+        runner_limits()
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.path[0] = cwd  # as `python -m` run in cwd puts it first
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd, target in ((null, 0), (out.fileno(), 1), (out.fileno(), 2)):
+            os.dup2(fd, target)
+        from instructor import runner
+        code = runner.main(args)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def run_runner(workdir, args, events, log, timeout, deadline, on_collected):
     """One runner on `args`, watched. -> (its events, the test it was stopped in or None, why)."""
     env = python_env(os.path.dirname(HERE))  # the grader's package only
     with open(log, "ab") as out:
         log_start = out.tell()
-        proc = subprocess.Popen([sys.executable, "-m", "instructor.runner", events.path, *args],
-                                cwd=os.path.join(workdir, "tests"), env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=runner_limits)
+        proc = start_runner([events.path, *args], os.path.join(workdir, "tests"), env, out)
     seen, current, since = [], None, time.monotonic()
     while True:
         code = proc.poll()  # polled before reading, so that no event written before an exit is missed

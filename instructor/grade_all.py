@@ -225,44 +225,75 @@ def previous(path):
 
 
 class Grader:
-    """Grades students one per process of `python -m instructor.grade`, each in its own session (Ctrl-C reaches
-    only this process, which then stops them: their trusted processes and sandboxes die with them)."""
+    """Grades students one per grading forked from a warm process (instructor/warm.py: torch and the grader imported
+    once for the class), each in its own session, so that Ctrl-C reaches only this process, which then stops them:
+    their trusted processes and sandboxes die with them."""
 
     def __init__(self, pristine, options):
         self.pristine, self.options = pristine, options
-        self.running, self.lock, self.stopping = set(), threading.Lock(), False
+        self.lock, self.stopping, self.requests = threading.Lock(), False, {}  # {id: {"pid", "exit", "ended"}}
+        self.warm = subprocess.Popen([sys.executable, "-m", "instructor.warm"], cwd=release.ROOT,
+                                     env=grade.python_env(os.path.dirname(grade.HERE)), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, start_new_session=True)
+        threading.Thread(target=self.listen, daemon=True).start()
+
+    def listen(self):
+        for line in self.warm.stdout:
+            message = json.loads(line)
+            with self.lock:
+                request = self.requests[message["id"]]
+                request.update(message)
+            if "exit" in message:
+                request["ended"].set()
+        with self.lock:  # the warm process is gone: what was running ends with it
+            for request in self.requests.values():
+                request["ended"].set()
 
     def grade(self, folder, out):
         """-> (results or None, seconds, the grader's error line)."""
         start = time.monotonic()
-        tmp = out + ".grading"
+        tmp, log = out + ".grading", out + ".log"
         with self.lock:
             if self.stopping:
                 return None, 0.0, "stopped"
-            proc = subprocess.Popen([sys.executable, "-m", "instructor.grade", folder, "--pristine", self.pristine,
-                                     "--out", tmp, *self.options], cwd=release.ROOT, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=True)
-            self.running.add(proc)
-        try:
-            _, err = proc.communicate()
-        finally:
-            with self.lock:
-                self.running.discard(proc)
+            number = len(self.requests)
+            request = self.requests[number] = {"ended": threading.Event()}
+            argv = [folder, "--pristine", self.pristine, "--out", tmp, *self.options]
+            self.warm.stdin.write((json.dumps({"id": number, "argv": argv, "log": log}) + "\n").encode())
+            self.warm.stdin.flush()
+        request["ended"].wait()
         seconds = time.monotonic() - start
-        result = previous(tmp)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if proc.returncode != 0 or result is None:
-            return None, seconds, (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        result, err = previous(tmp), ""
+        with contextlib.suppress(OSError), open(log, encoding="utf-8", errors="replace") as f:
+            err = f.read()
+        for path in (tmp, log):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        code = request.get("exit", "none: the warm grading process ended")
+        if code != 0 or result is None:
+            return None, seconds, (err.strip().splitlines() or [f"exit code {code}"])[-1]
         return result, seconds, ""
 
     def stop(self):
+        """Kill every grading still running, then the warm process."""
         with self.lock:
             self.stopping = True
-            for proc in self.running:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+            for request in self.requests.values():
+                if "pid" in request and "exit" not in request:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(request["pid"], signal.SIGKILL)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.close()
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.warm.stdin.close()  # the warm process kills what still runs and exits
+        self.warm.wait()
 
 
 def refused_result(tests, why):
@@ -270,7 +301,8 @@ def refused_result(tests, why):
 
 
 def grade_students(students, out, pristine, tests, options, jobs, progress):
-    """Grade every student not graded yet with the same files and tests; results/<student>.json each."""
+    """Grade every student not graded yet with the same files and tests; results/<student>.json each.
+    -> how many were graded."""
     key_tests = tests_key(pristine)
     todo = []
     for student, taken in students.items():
@@ -285,14 +317,19 @@ def grade_students(students, out, pristine, tests, options, jobs, progress):
         if old and old.get("extra_data", {}).get("key") == key:
             progress.update()
             continue
+        for stale in (".grading", ".log"):  # what a grading killed with grade-all left
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + stale)
         folder = os.path.join(out, "submissions", student)
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
         for name, data in taken.items():
             atomic_write(os.path.join(folder, name), data)
         todo.append((student, folder, key))
+    if not todo:
+        return 0
     grader = Grader(pristine, options)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with grader, ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(grader.grade, folder, os.path.join(out, "results", f"{student}.json")): (student, key)
                    for student, folder, key in todo}
         try:
@@ -314,6 +351,7 @@ def grade_students(students, out, pristine, tests, options, jobs, progress):
             for future in futures:
                 future.cancel()
             raise
+    return len(todo)
 
 
 def write_result(out, student, result):
@@ -442,8 +480,13 @@ def run(args):
         taken = set()
         named = {safe_name(s, taken): v for s, v in sorted(students.items())}
         mine = dict(sorted(named.items())[index::count])
+        start = time.monotonic()
         with tqdm(total=len(mine), unit="student", desc="grading", dynamic_ncols=True) as bar:
-            grade_students(mine, args.out, pristine, tests, grade_options(args), args.jobs, bar)
+            graded = grade_students(mine, args.out, pristine, tests, grade_options(args), args.jobs, bar)
+        if graded:
+            seconds = time.monotonic() - start
+            print(f"graded {graded} students in {seconds:.0f} s: {seconds / graded:.2f} s per student with "
+                  f"--jobs {args.jobs} on {os.cpu_count()} cores")
         if count > 1:
             print(f"shard {index}/{count}: {len(mine)} students graded into {args.out}/results; "
                   f"`--merge` writes grades.csv and the report once every shard is done")

@@ -60,6 +60,25 @@ def grade_all_cli(*args, **kwargs):
                           text=True, timeout=900, **kwargs)
 
 
+def graders_left(wait=15):
+    """The pids of grading processes (the warm process, its gradings and their trusted processes, jails) still
+    running after wait seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        left = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    command = f.read()
+            except OSError:
+                continue
+            if b"instructor.warm" in command or b"jailed.py" in command:
+                left.append(int(pid))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def grades(out):
     with open(os.path.join(out, "grades.csv"), encoding="utf-8") as f:
         return {row["student"]: row for row in csv.DictReader(f)}
@@ -150,7 +169,18 @@ def test_a_class_is_graded_as_each_alone_resumes_and_survives_ctrl_c(tmp_path):
     assert process.returncode == 130 and "stopped by Ctrl-C" in err and "Traceback" not in err, err[-2000:]
     assert json.loads(first.read_text())["score"] == total["honest"] and not second.exists()
     assert not list((out / "results").glob("*.grading"))
+    assert not graders_left(), "a grading outlived grade-all's Ctrl-C"
+    # grade-all killed outright: its warm process sees its stdin close and kills the gradings still running
+    process = subprocess.Popen([sys.executable, "-m", "instructor", "grade-all", str(archive), "--out", str(out),
+                                "--jobs", "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while time.monotonic() < deadline and not list((out / "results").glob("*.grading")):
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert not graders_left(), "a grading outlived grade-all killed with SIGKILL"
+    assert not second.exists()
     final = grade_all_cli(str(archive), "--out", str(out), "--jobs", "2")
     def without_time(table):
         return {student: {k: v for k, v in row.items() if k != "seconds"} for student, row in table.items()}
     assert final.returncode == 0 and without_time(grades(out)) == without_time(rows)
+    assert not list((out / "results").glob("*.grading")) and not list((out / "results").glob("*.log"))
