@@ -48,6 +48,7 @@ POLL = 0.05
 LOG_TAIL = 1500  # characters of the runner's own output shown when it dies
 SAME_USER = "same user"  # jail_user value: run student code as this process's user, without a warning
 REFERENCE = os.path.join("reference", "gpt.py")  # in the pristine folder: the trusted reference
+KEY = os.path.join("reference", "key")  # and the course's secret: with the files, it decides the inputs drawn
 RELEASED = "released"  # in the work folder: the released modules
 RUNNER_MEMORY = 2 << 30  # bytes of data the trusted process may hold: an answer cannot make it allocate more
 WARM = False  # set by instructor/warm.py: this process has the trusted process's imports, so it forks it
@@ -122,7 +123,9 @@ def prepare(pristine, submission, workdir):
         raise GradeError(f"the pristine folder {pristine} lacks {REFERENCE}, the trusted reference: rebuild the "
                          f"autograder with python -m instructor release")
     os.makedirs(os.path.join(workdir, "reference"), mode=0o700)
-    shutil.copyfile(os.path.join(pristine, REFERENCE), os.path.join(workdir, REFERENCE))
+    for path in (REFERENCE, KEY):
+        if os.path.isfile(os.path.join(pristine, path)):
+            shutil.copyfile(os.path.join(pristine, path), os.path.join(workdir, path))
     notes = [f"graded from the submission: {', '.join(taken) or 'no file'}"]
     with_todos = [n for n in modules if n not in taken and has_todos(os.path.join(pristine, n))]
     if with_todos:

@@ -8,12 +8,15 @@ against on a student's machine. The file holds tensors and plain values only (lo
 torch.load(weights_only=True)): a small model's weights, the inputs, and what each part of the solution
 outputs for them. Regenerate it whenever the solution's numerics change, and commit it.
 
-At grade time the grader sets unittests.SOURCE = GradeTimeInputs(<the solution's gpt.py>): every test then
-draws its inputs from a fresh secret seed and checks against reference values computed by the solution
-for weights and inputs drawn then, so that no submission can know them in advance.
+At grade time the grader sets unittests.SOURCE = GradeTimeInputs(<the solution's gpt.py>, key, submission):
+every test then draws its inputs from a secret seed and checks against reference values computed by the
+solution for weights and inputs drawn then, so that no submission can know them in advance. The seeds come
+from the course's secret key (reference/key in the graders' folder) and the submitted files: the same files
+always get the same inputs, so a regrade gives the same grade; other files get other inputs.
 """
 
 import hashlib
+import hmac
 import importlib.util
 import io
 import os
@@ -90,22 +93,30 @@ def make_reference(gpt, seed):
 
 
 class GradeTimeInputs:
-    """unittests.SOURCE at grade time: a fresh secret seed for each test, and reference values computed by the
-    solution's gpt.py (at solution_gpt_path) for secret weights and inputs, once per grading run."""
+    """unittests.SOURCE at grade time: a secret seed for each test, and reference values computed by the
+    solution's gpt.py (at solution_gpt_path) for secret weights and inputs, once per grading run. The seeds are
+    keyed digests of the submission (bytes naming its files) when key (bytes) is given, else fresh random."""
 
-    def __init__(self, solution_gpt_path):
+    def __init__(self, solution_gpt_path, key=None, submission=b""):
         # a private name: in the grader `import gpt` is the student's module, in the jail
         spec = importlib.util.spec_from_file_location("_solution_gpt", solution_gpt_path)
         self.gpt = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.gpt)
-        self.values = None
+        self.key, self.submission, self.values = key, submission, None
+
+    def draw(self, what):
+        """A 63-bit seed for `what` (a test's node id, or "reference")."""
+        if self.key is None:
+            return secrets.randbits(63)
+        digest = hmac.new(self.key, self.submission + b"\0" + what.encode(), hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
 
     def seed(self, nodeid):
-        return secrets.randbits(63)
+        return self.draw(nodeid)
 
     def reference(self):
         if self.values is None:
-            self.values = make_reference(self.gpt, secrets.randbits(63))
+            self.values = make_reference(self.gpt, self.draw("reference"))
         return self.values
 
 

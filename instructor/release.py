@@ -13,9 +13,11 @@ release` writes it only after `check` passes.
 import io
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 import zipfile
 
 from instructor import regions
@@ -32,6 +34,7 @@ GRADER_CODE = ("files.py",) + tuple(f"instructor/{name}.py" for name in
                     ("__init__", "grade", "runner", "remote", "jail", "jailed", "procs", "wire", "make_reference"))
 JAIL_USER = "student-code"  # the unprivileged account setup.sh creates on Gradescope
 OUTPUTS = ("student", "autograder", "autograder.zip")
+KEY_FILE = "instructor/grading.key"  # the course's secret (git-ignored): with a submission's files, its inputs
 TORCH_PIN = "torch==2.13.0"
 
 STUDENT_DEV_REQUIREMENTS = "# The graded tests (pytest unittests.py) need only the runtime requirements.\n-r requirements.txt\n"
@@ -222,6 +225,26 @@ def student_files():
     return files
 
 
+def grading_key():
+    """The course's secret key: KEY_FILE, made once with 32 random bytes. The inputs a submission is graded on
+    are drawn from it and the submission's files, so the same files get the same grade wherever they are
+    graded with this repository's bundle; no student can know them without it. Never commit or publish it."""
+    path = os.path.join(ROOT, KEY_FILE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:  # first use: written in one call, so that a process racing this one reads all of it or waits
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_hex(32).encode())
+    for _ in range(100):
+        key = read(KEY_FILE).strip()
+        if len(key) == 64:
+            return key
+        time.sleep(0.05)
+    raise ReleaseError(f"{KEY_FILE} is not 64 hex digits: delete it to make a new key (grades then change)")
+
+
 def pristine_files(student):
     """The graders' folder of the bundle, from the student files: test files, reference values, hidden
     tests and the released modules (what a submission that lacks one of them is graded with)."""
@@ -230,6 +253,7 @@ def pristine_files(student):
     if os.path.isfile(os.path.join(ROOT, HIDDEN_TESTS)):
         files["hidden_tests.py"] = (read(HIDDEN_TESTS), 0o644)
     files["reference/gpt.py"] = (read("gpt.py"), 0o600)  # the trusted reference at grade time, root's only
+    files["reference/key"] = (grading_key(), 0o600)
     return files
 
 

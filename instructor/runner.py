@@ -40,6 +40,7 @@ an earlier runner of the same grading on to this one.
 import argparse
 import ast
 import difflib
+import hashlib
 import importlib.util
 import json
 import os
@@ -396,6 +397,18 @@ def one_line(error):
     return f"{type(error).__name__} while checking what your code returned"
 
 
+def grade_time_inputs(reference, modules):
+    """The trusted reference's inputs, drawn from the course's secret key (the file `key` beside the reference,
+    when there is one) and a digest of the graded modules: the same files, the same inputs."""
+    from instructor import make_reference  # torch
+
+    key_path, digest = os.path.join(os.path.dirname(reference), "key"), hashlib.sha256()
+    key = pathlib.Path(key_path).read_bytes() if os.path.exists(key_path) else None
+    for name in sorted(os.listdir(modules)):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(pathlib.Path(modules, name).read_bytes()).digest())
+    return make_reference.GradeTimeInputs(reference, key, digest.digest())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m instructor.runner")
     parser.add_argument("events")
@@ -419,7 +432,7 @@ def main(argv=None):
         return 3
     signal.signal(signal.SIGTERM, lambda *_: (the_jail.stop(), os._exit(1)))
     procs.on_parent_death(signal.SIGTERM)  # a grader that dies takes the jail with it
-    from instructor import make_reference, remote  # torch
+    from instructor import remote  # torch
 
     importer = remote.RemoteImporter(sorted(n[:-3] for n in os.listdir(args.modules) if n.endswith(".py")))
     sys.meta_path.insert(0, importer)
@@ -429,7 +442,7 @@ def main(argv=None):
         sock, stacks = the_jail.child()
         return remote.Session(the_jail, sock, deadline, stacks, watches, on_timeout)
 
-    reporter = Reporter(args.events, the_jail, new_session, importer, make_reference.GradeTimeInputs(args.reference),
+    reporter = Reporter(args.events, the_jail, new_session, importer, grade_time_inputs(args.reference, args.modules),
                         args.timeout, trace, Locator(args.modules, args.released), hangs_argument(args.hangs))
     try:
         return pytest.main(pytest_args, plugins=[reporter])

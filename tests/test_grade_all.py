@@ -141,9 +141,13 @@ def test_a_class_is_graded_as_each_alone_resumes_and_survives_ctrl_c(tmp_path):
             (alone / module).write_text(text)
         graded = subprocess.run([sys.executable, "-m", "instructor", "grade", str(alone), "--out",
                                  str(alone / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        expected = json.loads((alone / "results.json").read_text())["score"]
+        expected = json.loads((alone / "results.json").read_text())
         row = rows[name[student]]
-        assert float(row["total"]) == expected, (student, row, graded.stderr[-2000:])
+        assert float(row["total"]) == expected["score"], (student, row, graded.stderr[-2000:])
+        in_class = json.loads((out / "results" / f"{name[student]}.json").read_text())
+        # the same inputs drawn (the course's key and the same files): every test's verdict and message the same
+        assert [(t["status"], t["output"]) for t in in_class["tests"]] == \
+            [(t["status"], t["output"]) for t in expected["tests"]], student
     total = {s: float(rows[name[s]]["total"]) for s in students}
     assert total["honest"] == float(rows[name["honest"]]["max"]) > total["mistaken"] > 0
     assert total["hostile"] < total["honest"] and total["broken"] < total["honest"] and total["empty"] == 0

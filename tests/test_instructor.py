@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from instructor import __main__ as cli
 from instructor import check, grade, regions, release
@@ -143,6 +144,29 @@ def test_release_contents(built):
     assert bundle["run_autograder"][1] == bundle["setup.sh"][1] == 0o755
     assert bundle["pristine/gpt.py"] == student["gpt.py"]  # the bundle holds no solution either
     assert "pristine/hidden_tests.py" in bundle and "hidden_tests.py" not in student
+    key = bundle["pristine/reference/key"]  # the course's secret, which decides the inputs drawn: root's only
+    assert key == (release.grading_key(), 0o600) and len(key[0]) == 64 and key[0] not in b"".join(
+        data for data, _ in student.values())
+    ignored = subprocess.run(["git", "check-ignore", "-q", release.KEY_FILE], cwd=ROOT)
+    assert ignored.returncode == 0, f"{release.KEY_FILE} must be git-ignored: it would publish the key"
+
+
+def test_grade_time_inputs_are_keyed_by_the_course_and_the_files():
+    """The same files and key draw the same inputs (a regrade gives the same grade); other files or another key
+    draw others; without a key every draw is fresh."""
+    from instructor.make_reference import GradeTimeInputs
+
+    def seeds(key, files, nodeid="unittests.py::test_mlp"):
+        return GradeTimeInputs(os.path.join(ROOT, "gpt.py"), key, files).seed(nodeid)
+
+    first = seeds(b"k" * 64, b"files")
+    assert first == seeds(b"k" * 64, b"files") and 0 <= first < 2 ** 63
+    assert len({first, seeds(b"k" * 64, b"other files"), seeds(b"x" * 64, b"files"),
+                seeds(b"k" * 64, b"files", "unittests.py::test_block")}) == 4
+    assert seeds(None, b"files") != seeds(None, b"files")
+    inputs = GradeTimeInputs(os.path.join(ROOT, "gpt.py"), b"k" * 64, b"files")
+    again = GradeTimeInputs(os.path.join(ROOT, "gpt.py"), b"k" * 64, b"files")
+    assert torch.equal(inputs.reference()["logits"], again.reference()["logits"])
 
 
 # ----------------------------------------------------------------------------- check

@@ -93,7 +93,7 @@ def test_job_script_runs_grade_all_on_its_shard(tmp_path, case):
         assert result.returncode == 2 and not ran, why
         assert ("range without gaps" if case == "gapped array" else "--not-tamper-proof") in result.stderr, why
         return
-    shard = ["--jobs", "8", "--shard", "1/4"] if case == "array task" else ["--jobs", "1"]
+    shard = ["--jobs", "16", "--shard", "1/4"] if case == "array task" else ["--jobs", "1"]
     assert ran == [["-m", "instructor", "grade-all", "class", "--out", "out dir", *shard, *extra]], why
     assert result.returncode == 3 and "grade-all exited with code 3" in result.stdout, why
     if case == "array task":
