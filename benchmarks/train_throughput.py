@@ -6,7 +6,7 @@ decay on matrices only: what configure_optimizers builds on a CPU and Hugging Fa
 default), the same threads, no torch.compile. One step = forward + backward + AdamW step; warmup
 steps are not timed.
 
-    python benchmarks/train_throughput.py [--batch_size 8] [--steps 3] [--rounds 3] [--threads N]
+    python benchmarks/train_throughput.py [--batch_size 8] [--steps 3] [--rounds 3] [--threads N] [--tiny]
 
 The models take turns (rounds) and each reports its best round: other processes on the machine can
 only slow a round down. Prints tokens/s for each model at each precision (fp32, and bf16 autocast
@@ -29,6 +29,7 @@ from gpt import GPT, GPTConfig  # noqa: E402
 from optim import configure_optimizers  # noqa: E402
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65)
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)  # --tiny: a smoke run (the tests')
 
 
 def hugging_face(activation):
@@ -96,7 +97,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each round")
     parser.add_argument("--rounds", type=int, default=3, help="each model's best round is reported")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model 32 wide: a smoke run")
     args = parser.parse_args()
+    if args.tiny:
+        SHAPE.update(TINY)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import transformers

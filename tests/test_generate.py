@@ -51,6 +51,33 @@ def test_cached_generation_equals_uncached_beyond_block_size(abs_emb):
         assert torch.equal(runs[0], runs[1]), options
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("abs_emb", [False, True], ids=["rotary", "absolute"])
+def test_fast_decoding_samples_the_same_tokens_and_undoes_itself(abs_emb, dtype):
+    model = tiny(abs_emb).to(dtype)
+    idx = torch.randint(0, 17, (3, 4))
+    for options in (dict(temperature=0), dict(temperature=1.0, top_k=8, top_p=0.95)):
+        plain = model.generate(idx, 25, generator=torch.Generator().manual_seed(5), **options)
+        with generate.fast_decoding(model):
+            shadowed = [m for m in model.modules() if "forward" in vars(m)]
+            fast = model.generate(idx, 25, generator=torch.Generator().manual_seed(5), **options)
+        assert torch.equal(fast, plain), options
+        assert sum(isinstance(m, generate.CausalSelfAttention) for m in shadowed) == 3
+        assert not [m for m in model.modules() if "forward" in vars(m)]
+
+
+def test_fast_decoding_keeps_attention_code_that_computes_something_else(monkeypatch):
+    """A student's attention that differs from PyTorch's (here: no 1/sqrt(hs)) decodes as written: the samples
+    show what the model computes."""
+    model = tiny(abs_emb=False)
+    monkeypatch.setattr(generate.CausalSelfAttention, "attention_scores", lambda self, q, k: q @ k.mT)
+    idx = torch.randint(0, 17, (2, 4))
+    plain = model.generate(idx, 6, temperature=0)
+    with generate.fast_decoding(model):
+        assert not [m for m in model.modules() if isinstance(m, generate.CausalSelfAttention) and "forward" in vars(m)]
+        assert torch.equal(model.generate(idx, 6, temperature=0), plain)
+
+
 def test_rotary_angles_stay_fp32_when_the_model_is_cast():
     # far positions need fp32 angles: in bf16, position 1000's angle is off by up to 4 (bf16 has 8 bits)
     model = tiny(abs_emb=False)
