@@ -265,13 +265,15 @@ def probe_logits(model):
 
 @contextmanager
 def fast_decoding(model):
-    """Cached decoding, faster: inside, every nn.Linear multiplies with prepacked weights (packed_linears) and
-    attention over the cache runs as cached_attention, but only where that gives the logits the model's own
-    code gives (checked once, on entry): it samples what the model computes, or decodes the model's own way."""
-    attentions = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    """Cached decoding, faster: inside, nn.Linear multiplies with prepacked weights where that is faster
+    (packed_linears) and attention over the cache runs as cached_attention, but only where that gives the logits
+    the model's own code gives (checked once, on entry): it samples what the model computes, or decodes the
+    model's own way."""
+    attentions = []
     with torch.no_grad(), packed_linears(model):
         if model.config.block_size >= 6 and not model.training:
             own = probe_logits(model)
+            attentions = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
             for m in attentions:  # an instance attribute shadows the class's forward until it is deleted
                 m.forward = partial(cached_attention, m)
             tolerance = 1e-4 if own.dtype == torch.float32 else 3e-2
@@ -283,7 +285,7 @@ def fast_decoding(model):
             yield
         finally:
             for m in attentions:
-                m.__dict__.pop("forward", None)
+                del m.forward
 
 
 def sample(model, tokenizer, idx, max_new_tokens, options, stop=None, stream=False):

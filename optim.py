@@ -28,9 +28,11 @@ def lr_at(step, cfg, max_steps):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                         adamw_lr_scale=1.0):
     """AdamW with weight decay on matrices (Linear weights, embeddings) only, not on biases and norms; with
-    optimizer="muon", Muon takes the matrices inside the blocks (transformer.h) and AdamW the rest."""
+    optimizer="muon", Muon takes the matrices inside the blocks (transformer.h) and AdamW the rest, at
+    adamw_lr_scale times the learning rate (each group's "lr_scale": train.py's schedule multiplies by it)."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if optimizer == "muon" and name.startswith("transformer.h.") and p.dim() == 2]
     rest = [p for _, p in named if not any(p is h for h in hidden)]
@@ -43,6 +45,8 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     if optimizer == "adamw":
         return adamw
+    for group in adamw.param_groups:
+        group["lr_scale"] = adamw_lr_scale
     return Optimizers(Muon(hidden, lr=learning_rate, weight_decay=weight_decay), adamw)
 
 

@@ -450,7 +450,7 @@ def build(run, s):
     torch.manual_seed(cfg.seed + run.rank)  # each process its own dropout; DDP copies process 0's initial weights
     model = (s.pretrained or GPT(s.model_config)).to(run.device)
     optimizer = configure_optimizers(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), run.device_type,
-                                     cfg.optimizer)
+                                     cfg.optimizer, cfg.adamw_lr_scale)
     scaler = torch.amp.GradScaler(run.device_type, enabled=cfg.precision == "fp16")  # fp16 needs loss scaling
     if not ckpt:
         return model, optimizer, scaler, Progress()
@@ -573,7 +573,7 @@ def train_step(run, model, raw_model, optimizer, scaler, batches, progress, lr):
     """One optimizer step over grad_accum micro-batches -> the step's mean loss, on the device (not read back)."""
     A = run.cfg.grad_accum
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     step_loss = torch.zeros((), device=run.device)
     for micro_step in range(A):
         progress.epoch, progress.epoch_step, x, y = next(batches)

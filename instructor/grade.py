@@ -204,9 +204,10 @@ class Forked:
             try:
                 pid, status = os.waitpid(self.pid, flags)
             except ChildProcessError:  # reaped by kill() (procs.reap) after it was killed
-                pid, status = self.pid, -signal.SIGKILL
+                self.returncode = -signal.SIGKILL
+                return self.returncode
             if pid:
-                self.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else status
+                self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
     def wait(self):

@@ -259,8 +259,11 @@ class Grader:
             number = len(self.requests)
             request = self.requests[number] = {"ended": threading.Event()}
             argv = [folder, "--pristine", self.pristine, "--out", tmp, *self.options]
-            self.warm.stdin.write((json.dumps({"id": number, "argv": argv, "log": log}) + "\n").encode())
-            self.warm.stdin.flush()
+            try:
+                self.warm.stdin.write((json.dumps({"id": number, "argv": argv, "log": log}) + "\n").encode())
+                self.warm.stdin.flush()
+            except OSError:  # it died (its error is above, on stderr)
+                return None, 0.0, f"the warm grading process ended (exit code {self.warm.poll()})"
         request["ended"].wait()
         seconds = time.monotonic() - start
         result, err = previous(tmp), ""
@@ -343,7 +346,8 @@ def grade_students(students, out, pristine, tests, options, jobs, progress):
                     status = f"error: {error}"
                 else:
                     status = "graded"
-                result["extra_data"] = {"student": student, "status": status, "key": key, "seconds": round(seconds, 1)}
+                result["extra_data"] = {"student": student, "status": status, "seconds": round(seconds, 1),
+                                        "key": key if status == "graded" else None}  # the next run tries again
                 write_result(out, student, result)
                 progress.update()
         except KeyboardInterrupt:

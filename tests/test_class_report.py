@@ -287,10 +287,11 @@ def test_code_evidence_on_the_function_that_holds_the_region(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_signatures_find_the_planted_mistake_graded_for_real(pristine, tmp_path):
+def test_real_signatures_find_the_planted_mistake_graded_for_real(pristine, tmp_path, monkeypatch):
     """The planted student graded by the real grader (sandbox, grade-time inputs); the catalogue's signatures
-    computed for real, then read back from catalogue.json."""
+    computed for real, then read back from catalogue.json, and a new class finds them in the user's cache."""
     folder, tests = pristine
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # computed here, not found from another test
     run = check.graded_run(folder, modules([planted()]))
     assert not run[2], run[2]
     graded = grade.report(*run[:2], [], 6.0)
@@ -305,6 +306,10 @@ def test_real_signatures_find_the_planted_mistake_graded_for_real(pristine, tmp_
     assert mistake_line(report, PLANTED[1]) == f"- **{PLANTED[1]}** ({PLANTED[0]}): 1 student (planted)", report
     report_again, second = write_report(out, tests, str(tmp_path / "sandbox2"))
     assert report_again == report and second < first / 3, (first, second)
+    other = make_class(str(tmp_path / "other"), pristine, graded)  # another class, the same tests
+    assert not os.path.exists(os.path.join(other, "catalogue.json"))
+    report_other, third = write_report(other, tests, str(tmp_path / "sandbox3"))
+    assert report_other == report and third < first / 3, (first, third)
 
     # each mistake alone, failing what it failed when the signatures were computed, is diagnosed as itself
     regions_checked = {r: set(checking(tests, r)) for r in class_report.grade_all.regions_of(tests)}

@@ -366,6 +366,13 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert len(on_muon) + len(on_adamw) == len(list(model.parameters()))
 
 
+def test_adamw_lr_scale_multiplies_the_schedule_for_adamw_only(corpus, tmp_path):
+    assert run(tiny(corpus, tmp_path, "--max_steps", "3", "--optimizer", "muon", "--adamw_lr_scale", "3")).returncode == 0
+    optimizers = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["optimizers"]
+    (muon_lr,), adamw_lrs = ({g["lr"] for g in o["param_groups"]} for o in optimizers)
+    assert muon_lr > 0 and adamw_lrs == {3 * muon_lr}
+
+
 def test_orthogonalize_makes_every_singular_value_about_one():
     shapes = [(48, 144), (192, 48), (96, 48), (32, 80)]  # three of one Gram size (batched), one alone
     generator = torch.Generator().manual_seed(0)
