@@ -174,7 +174,7 @@ def on_slurm(archive, args):
         merge = re.search(r"^job (\d+) then writes", submitted.stdout, re.M).group(1)
         info = cluster.wait_state(merge, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=7200, interval=1)
         seconds = time.perf_counter() - start
-    assert info["JobState"] == "COMPLETED", cluster.diagnostics(merge)
+        assert info["JobState"] == "COMPLETED", cluster.diagnostics(merge)  # while the cluster still runs
     here, there = totals(os.path.join(args.out, "graded", "grades.csv")), totals(os.path.join(out, "grades.csv"))
     differ = sorted(s for s in here if here[s] != there.get(s))
     print(f"Slurm array of {args.jobs} one-core tasks, then the merge: {seconds:.0f} s for {len(there)} students = "
