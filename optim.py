@@ -9,6 +9,7 @@ The optimizers and the learning-rate schedule of train.py.
   common ones. Its step is scaled to AdamW's typical update size, so one --learning_rate serves both.
 """
 
+import itertools
 import math
 
 import torch
@@ -50,59 +51,85 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     return Optimizers(Muon(hidden, lr=learning_rate, weight_decay=weight_decay), adamw)
 
 
-def orthogonalize(matrices, steps=5):
-    """U V^T of each G = U S V^T in a list of matrices, approximately: a quintic Newton-Schulz iteration whose
-    coefficients (Keller Jordan's) take every singular value of G / |G| to within ~0.3 of 1 in 5 steps, which is
-    enough. Each step is X <- (a + b A + c A^2) X with A = X X^T; A stays a polynomial of the first one, so the
-    iteration runs on the small square A alone and multiplies X once, at the end (a quarter fewer multiply-adds
-    for our matrices). Matrices whose A has the same size iterate together, as one batch: a block's four
-    matrices of a 192-wide model all have a 192 x 192 A, so 20 batched products replace 80 small ones."""
+def orthogonalize(batches, steps=5):
+    """U V^T of each G = U S V^T, approximately, for a list of batches of matrices (k, m, n), each batch of one
+    shape: a quintic Newton-Schulz iteration whose coefficients (Keller Jordan's) take every singular value of
+    G / |G| to within ~0.3 of 1 in 5 steps, which is enough. Each step is X <- (a + b A + c A^2) X with
+    A = X X^T; A stays a polynomial of the first one, so the iteration runs on the small square A alone and
+    multiplies X once, at the end (a quarter fewer multiply-adds for our matrices). Batches whose A has the same
+    size iterate as one: a 192-wide model's attention and MLP matrices all have a 192 x 192 A, so each step is
+    a few large batched products instead of dozens of small ones (on a CPU each operation also pays to wake
+    its threads)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    out = [None] * len(matrices)
+    wide = [X.mT if X.size(1) > X.size(2) else X for X in batches]  # (k, m, n), m <= n: A is the smaller square
+    out = [None] * len(batches)
     by_size = {}
-    for i, G in enumerate(matrices):
-        by_size.setdefault(min(G.shape), []).append(i)
-    for size, members in by_size.items():
+    for i, X in enumerate(wide):
+        by_size.setdefault(X.size(1), []).append(i)
+    for members in by_size.values():
         # fp32: bf16 would be 50x slower on CPUs that lack it, and the Gram form wants the precision
-        X = [matrices[i].float() for i in members]
-        X = [x.mT if x.size(0) > x.size(1) else x for x in X]  # (m, n), m <= n: A is the smaller square
-        X = [x / (x.norm() + 1e-7) for x in X]  # singular values <= 1
-        A = torch.stack([x @ x.mT for x in X])  # (k, m, m)
-        eye = torch.eye(size, device=A.device)
-        P = eye.expand_as(A)  # X_k = P X_0
-        for _ in range(steps):
-            Q = a * eye + b * A + c * A @ A  # X_k+1 = Q X_k, Q symmetric
-            A, P = Q @ A @ Q, Q @ P
-        for i, p, x in zip(members, P, X):
+        X = [wide[i].float() for i in members]
+        A = torch.cat([x @ x.mT for x in X])  # (K, m, m)
+        norm2 = A.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]  # trace(X X^T) = |X|^2, (K, 1, 1)
+        A = A / (norm2 + 1e-14)  # of X / |X|: singular values <= 1
+        P = None  # X_k = P X_0
+        for step in range(steps):
+            Q = torch.baddbmm(A, A, A, beta=b, alpha=c)  # X_k+1 = Q X_k, Q = a + b A + c A^2 symmetric
+            Q.diagonal(dim1=1, dim2=2).add_(a)
+            P = Q if P is None else Q @ P
+            if step < steps - 1:
+                A = Q @ A @ Q
+        P = P / (norm2.sqrt() + 1e-7)  # X_0 = X / |X|
+        for i, p, x in zip(members, P.split([len(x) for x in X]), X):
             y = p @ x
-            out[i] = (y.mT if matrices[i].size(0) > matrices[i].size(1) else y).to(matrices[i].dtype)
+            out[i] = (y.mT if batches[i].size(1) > batches[i].size(2) else y).to(batches[i].dtype)
     return out
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD with Nesterov momentum whose update, per matrix, is orthogonalized; decoupled weight decay."""
+    """SGD with Nesterov momentum whose update, per matrix, is orthogonalized; decoupled weight decay. A group's
+    momentum buffers are views of one flat tensor, its matrices ordered by shape: the momentum updates once per
+    step, and each shape's matrices are one batch for orthogonalize without copying."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.95):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+
+    def flat_momentum(self, params):
+        """The params' momentum buffers as one flat tensor (zeros where new), their states views of it: made on
+        the first step, and again after load_state_dict (which gives each buffer a tensor of its own)."""
+        bufs = [self.state[p].get("momentum_buffer") for p in params]
+        flat = getattr(bufs[0], "_base", None)
+        if flat is not None and flat.numel() == sum(p.numel() for p in params) and all(
+                buf is not None and buf._base is flat for buf in bufs):
+            return flat
+        flat = torch.cat([(torch.zeros_like(p) if buf is None else buf).reshape(-1) for p, buf in zip(params, bufs)])
+        for p, buf in zip(params, flat.split([p.numel() for p in params])):
+            self.state[p]["momentum_buffer"] = buf.view_as(p)
+        return flat
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
-            params = [p for p in group["params"] if p.grad is not None]
-            nesterov = []
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                nesterov.append(p.grad.lerp(buf, momentum))
-            for p, update in zip(params, orthogonalize(nesterov)):
+            params = sorted((p for p in group["params"] if p.grad is not None), key=lambda p: tuple(p.shape))
+            if not params:
+                continue
+            buf = self.flat_momentum(params)
+            grad = torch.cat([p.grad.reshape(-1) for p in params])
+            buf.lerp_(grad, 1 - momentum)
+            update = grad.lerp_(buf, momentum)  # Nesterov
+            batches, offset = [], 0
+            for shape, same in itertools.groupby(params, key=lambda p: p.shape):  # each shape: (k, m, n), no copy
+                k = len(list(same))
+                batches.append(update[offset:offset + k * shape.numel()].view(k, *shape))
+                offset += k * shape.numel()
+            orthogonal = [u for batch in orthogonalize(batches) for u in batch]
+            for p, u in zip(params, orthogonal):
                 # an orthogonal update has RMS 1/sqrt(max(m, n)); AdamW's is about 0.2
                 scale = 0.2 * math.sqrt(max(p.shape))
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * scale)
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
+                p.add_(u, alpha=-lr * scale)
 
 
 class Optimizers:
