@@ -2,6 +2,7 @@
 Covers learning, the run folder, checkpoints (weights_only), exact resume after kill -9, SIGUSR1/SIGTERM,
 DDP with torchrun (gloo, 2 CPU processes) against one process, NaN handling, and clean option errors."""
 
+import io
 import json
 import math
 import os
@@ -382,6 +383,40 @@ def test_orthogonalize_makes_every_singular_value_about_one():
         s = torch.linalg.svdvals(U)
         assert U.shape == G.shape and s.min() > 0.6 and s.max() < 1.25, s  # every direction (about) alike
         torch.testing.assert_close(U, optim.orthogonalize([G[None]])[0][0], atol=1e-5, rtol=1e-4)  # batched as alone
+
+
+def test_muon_loaded_from_its_state_dict_steps_exactly_as_the_original():
+    """Muon keeps its momentum buffers as views of one flat tensor; a state_dict holds one tensor per matrix,
+    and an optimizer loaded from it steps bitwise as the one that was never saved."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 16), (16, 48), (48, 16), (16, 16)]
+    params = [torch.randn(shape, generator=generator) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+
+    def stepped(weights, optimizer, step_grads):
+        for p, g in zip(weights, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+    a = [torch.nn.Parameter(p.clone()) for p in params]
+    muon_a = optim.Muon(a, lr=0.01, weight_decay=0.1)
+    for step_grads in grads[:2]:
+        stepped(a, muon_a, step_grads)
+    checkpoint = io.BytesIO()
+    torch.save(muon_a.state_dict(), checkpoint)
+    saved = torch.load(io.BytesIO(checkpoint.getvalue()), weights_only=True)  # as train.py resumes
+    assert [tuple(saved["state"][i]["momentum_buffer"].shape) for i in range(len(shapes))] == shapes
+
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    muon_b = optim.Muon(b, lr=0.01, weight_decay=0.1)
+    muon_b.load_state_dict(saved)
+    stepped(a, muon_a, grads[2])
+    stepped(b, muon_b, grads[2])
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    for p, q in zip(a, b):
+        assert torch.equal(muon_a.state[p]["momentum_buffer"], muon_b.state[q]["momentum_buffer"])
+    assert not torch.equal(a[0], params[0])
 
 
 def test_a_preset_fills_in_flags_and_the_command_line_overrides_them(monkeypatch):
