@@ -76,8 +76,8 @@ def orthogonalize(batches, steps=5):
         for step in range(steps):
             Q = torch.baddbmm(A, A, A, beta=b, alpha=c)  # X_k+1 = Q X_k, Q = a + b A + c A^2 symmetric
             Q.diagonal(dim1=1, dim2=2).add_(a)
-            P = Q if P is None else Q @ P
-            if step < steps - 1:
+            P = Q if P is None else Q @ P  # the first P is Q itself
+            if step < steps - 1:  # the last step's A is never used
                 A = Q @ A @ Q
         P = P / (norm2.sqrt() + 1e-7)  # X_0 = X / |X|
         for i, p, x in zip(members, P.split([len(x) for x in X]), X):
