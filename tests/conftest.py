@@ -37,6 +37,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs only with --full (minutes, or installs system packages)")
+    if config.getoption("--full") and config.option.durations is None:
+        config.option.durations = 20  # the full run's log says where its minutes go
 
 
 def pytest_sessionstart(session):
