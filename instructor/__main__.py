@@ -8,6 +8,8 @@ Instructor commands, run from the repository's root:
     python -m instructor grade-all SUBMISSIONS --out DIR [--jobs N] [--shard I/N | --merge]
                                                     grade a class (a folder or an LMS zip): grades.csv, report
     python -m instructor reference                  regenerate unittests_ref.pt from the solution
+    python -m instructor draws [--draws N] [REGION ...]
+                                                    is a catalogue entry's verdict the same on every draw?
 
 Exit status: 0 on success, 1 when check fails, 2 on bad input (one line on stderr, no traceback).
 """
@@ -17,7 +19,7 @@ import os
 import sys
 import tempfile
 
-from instructor import check, grade, grade_all, procs, release
+from instructor import check, draws, grade, grade_all, procs, release
 
 
 def run_check(args):
@@ -43,6 +45,13 @@ def run_grade(args):
     return 0
 
 
+def run_draws(args):
+    try:
+        return 0 if draws.draws(args.draws, args.regions) else 1
+    except ValueError as e:
+        raise release.ReleaseError(str(e)) from None
+
+
 def run_reference(args):
     sys.path.insert(0, release.ROOT)  # make_reference imports the solution's gpt.py and dataset.py
     from instructor import make_reference
@@ -65,6 +74,10 @@ def main(argv=None):
     grade_all.add_arguments(class_parser)
     class_parser.set_defaults(run=grade_all.main)
     commands.add_parser("reference", help="regenerate unittests_ref.pt").set_defaults(run=run_reference)
+    draws_parser = commands.add_parser("draws", help="run the catalogue's entries on many grade-time draws")
+    draws_parser.add_argument("--draws", type=int, default=200, help="draws per test (default 200)")
+    draws_parser.add_argument("regions", nargs="*", help="only these regions' entries (default: all)")
+    draws_parser.set_defaults(run=run_draws)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

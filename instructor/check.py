@@ -271,9 +271,10 @@ def mutant_shares(mutants, solution, selections, workers=MUTANT_WORKERS):
     return [share for share in shares if share]
 
 
-def run_mutants(tests_dir, jobs):
-    """Run jobs ([{"modules": {name: text}, "select": [node ids]}]) one after another in one pytest process
-    (mutant_worker) in tests_dir. -> ([{node id: {passed, output}}, or None for a job that never ran], error)"""
+def run_mutants(tests_dir, jobs, timeout=MUTANT_TIMEOUT):
+    """Run jobs ([{"modules": {name: text}, "select": [node ids]}], "draws": n to run each test on n draws, see
+    instructor/draws.py) one after another in one pytest process (mutant_worker) in tests_dir.
+    -> ([{node id: {passed, output[, draws: [passed per draw]]}}, or None for a job that never ran], error)"""
     with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
         spec, out = os.path.join(tmp, "jobs.json"), os.path.join(tmp, "results.jsonl")
         with open(spec, "w", encoding="utf-8") as f:
@@ -283,16 +284,18 @@ def run_mutants(tests_dir, jobs):
         try:
             proc = subprocess.run([sys.executable, "-m", "instructor.check", "--mutant-worker", spec, out],
                                   cwd=tests_dir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True, timeout=MUTANT_TIMEOUT)
+                                  stderr=subprocess.PIPE, text=True, timeout=timeout)
             if proc.returncode:
                 error = f"exit code {proc.returncode}: {proc.stderr.strip()[-500:]}"
         except subprocess.TimeoutExpired:
-            error = f"still running after {MUTANT_TIMEOUT:g} s, stopped"
+            error = f"still running after {timeout:g} s, stopped"
         results = [None] * len(jobs)
         if os.path.exists(out):
             with open(out, encoding="utf-8") as f:
                 for line in f:
                     entry = json.loads(line)
+                    for nodeid, verdicts in entry.get("draws", {}).items():
+                        entry["results"][nodeid]["draws"] = verdicts
                     results[entry["job"]] = entry["results"]
     return results, error
 
@@ -307,6 +310,8 @@ def mutant_worker(spec, out):
 
     import pytest
     import torch
+
+    from instructor import draws  # it imports this module
 
     torch.set_num_threads(1)  # as in the grader: tiny tensors, which threads only slow down
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]  # no solution in sight
@@ -349,9 +354,10 @@ def mutant_worker(spec, out):
                 sys.modules.pop(name, None)
             sys.path.insert(0, folder)
             importlib.invalidate_caches()
-            recorder = Recorder()
+            recorder, redraw = Recorder(), draws.Redraw(job.get("draws", 0), TIMEOUT)
+            plugins = [recorder, redraw] if redraw.n else [recorder]
             try:
-                pytest.main([*grade.PYTEST_ARGS, *job["select"]], plugins=[recorder])
+                pytest.main([*grade.PYTEST_ARGS, *job["select"]], plugins=plugins)
             finally:
                 sys.path.remove(folder)
             elsewhere = [n for n in names if n in sys.modules
@@ -359,7 +365,7 @@ def mutant_worker(spec, out):
             if elsewhere:  # the tests saw some other copy of a module: none of them counts
                 recorder.results = {nodeid: {"passed": False, "output": f"{', '.join(elsewhere)} imported from "
                                                                           f"elsewhere"} for nodeid in job["select"]}
-            results.write(json.dumps({"job": number, "results": recorder.results}) + "\n")
+            results.write(json.dumps({"job": number, "results": recorder.results, "draws": redraw.verdicts}) + "\n")
             results.flush()
     return 0
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from instructor import __main__ as cli
-from instructor import check, grade, regions, release
+from instructor import check, draws, grade, mistakes, regions, release
 
 ROOT = release.ROOT
 HANG_TIMEOUT = 15.0  # per-test timeout of the zoo: each hang costs this much, a normal test takes ~1 s
@@ -177,6 +177,24 @@ def test_check_passes_on_this_repository(capsys):
     out = capsys.readouterr().out
     assert ok, out
     assert out.count("\nOK  ") + out.startswith("OK  ") == 7
+
+
+@pytest.mark.slow
+def test_draws_reports_a_verdict_that_changes_with_the_draw_and_only_that(monkeypatch, capsys):
+    """A made-up mistake that is wrong only when the batch has 3 rows (B is drawn from 2 and 3) passes on some
+    draws; the real entries of the region give the same verdict on every draw."""
+    loss = "loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)"
+    flaky = ("gpt_loss", "doubled for 3 rows", [loss, "loss = loss * (1 + (idx.size(0) == 3))"])
+    monkeypatch.setattr(mistakes, "MISTAKES", [m for m in mistakes.MISTAKES if m[0] == "gpt_loss"] + [flaky])
+    assert not draws.draws(8, ["gpt_loss"])
+    out = capsys.readouterr().out
+    changing = [line.strip() for line in out.splitlines()[1:]]
+    assert changing and all(line.startswith("mistake gpt_loss (doubled for 3 rows): ") for line in changing), out
+    assert any("test_gpt_loss_is_cross_entropy passes on " in line for line in changing), out
+    assert out.startswith(f"{len(mistakes.MISTAKES) + sum(a[0] == 'gpt_loss' for a in mistakes.ALTERNATIVES)} "
+                          f"catalogue entries"), out
+    assert cli.main(["draws", "no_such_region"]) == 2
+    assert "error: no region no_such_region: the regions are tokenizer_encode, " in capsys.readouterr().err
 
 
 def test_check_finds_solution_code_instructor_notes_and_outputs_in_a_released_notebook():
