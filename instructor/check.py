@@ -22,8 +22,9 @@ one per CPU core.
 Steps 6 and 7 replace one region's solution code by a catalogue entry and run, again, only the graded
 tests that execute that region, both ways: as a student runs them (stored inputs, in-process: a few plain
 pytest processes each run many entries one after another, importing torch and pytest once) and as the
-grader grades them (inputs drawn at grade time, the jail): each mistake on its own, the alternatives of
-different regions together (a few graded runs). A mistake must lose points when graded; an alternative must
+grader grades them (inputs drawn at grade time, the jail): each mistake on its own, on the tests that check its
+region (those that only execute it too when none of those fails at home), the alternatives of different regions
+together (a few graded runs). A mistake must lose points when graded; an alternative must
 keep full marks both ways; and every public test that checks the region must give the same verdict both
 ways (a test that only needs the region may catch a mistake there on some inputs and miss it on others).
 """
@@ -370,6 +371,19 @@ def mutant_worker(spec, out):
     return 0
 
 
+def graded_tests(m, executing, at_home, checks):
+    """The graded tests that mistake m is graded on: those that check its region (step 7 compares them with
+    at_home, its results in a student's own run); if none of them fails at home, also those that execute it
+    and fail there; all that execute it when that leaves none or it did not run at home."""
+    checking = [nodeid for nodeid in executing if m.region in checks.get(nodeid, ())]
+    if at_home is None:
+        return executing
+    if any(not at_home[nodeid]["passed"] for nodeid in checking if nodeid in at_home):
+        return checking
+    chosen = [nodeid for nodeid in executing if nodeid in checking or not at_home.get(nodeid, {}).get("passed", True)]
+    return chosen or executing
+
+
 def together(mutants):
     """The alternatives, grouped so that no two in a group share a region: the first alternative of every
     region, then the second, ..."""
@@ -401,7 +415,7 @@ def mutation_table(found, outcomes, points, checks, executed_by, graded_together
         if missing:
             tally.append(False)
             problems.append(f"{m.kind} {m.region} ({m.what}): {len(missing)} of the {len(select)} graded tests that "
-                            f"execute it did not run ({error or 'not collected'})")
+                            f"run it did not run ({error or 'not collected'})")
             continue
         failing = [nodeid for nodeid in select if not graded[nodeid]["passed"]]
         if m.kind == "mistake":
@@ -409,8 +423,8 @@ def mutation_table(found, outcomes, points, checks, executed_by, graded_together
             if not tally[-1]:
                 problems.append(f"mistake not caught: {m.region}: {m.what} (" + (
                     "no graded test executes the region" if not select else
-                    ("the graded test that executes it passes" if len(select) == 1 else
-                     f"the {len(select)} graded tests that execute it pass")
+                    ("the graded test that runs it passes" if len(select) == 1 else
+                     f"the {len(select)} graded tests that run it pass")
                     + (" or fail for no points" if failing else "")) + ")")
         else:
             failing += [nodeid for nodeid in select if not results[nodeid]["passed"] and nodeid not in failing]
@@ -487,9 +501,6 @@ def check(file=None):
         # the longest runs first: the catalogue's entries, then its alternatives graded together, then the stubs
         shares = [(share, pool.submit(run_mutants, os.path.join(tmp, "mutants", "tests"), [job for _, job in share]))
                   for share in mutant_shares(entries, solution, selections)]
-        graded_alone = {(m.region, m.what): pool.submit(graded_run, pristine, applied(solution, [m]),
-                                                        selections[m.region])
-                        for m in entries if m.kind == "mistake" and selections[m.region]}
         graded_together = []
         for members in together(entries):
             select = sorted(set().union(*(selections[m.region] for m in members)), key=order.get)
@@ -501,8 +512,19 @@ def check(file=None):
             if selections[r.id]:  # else no test reaches the region, so none can fail: it is reported uncovered
                 stubbed[r.id] = pool.submit(graded_run, pristine, {
                     **solution, r.path: regions.strip(source(r.path), r.path, only={r.id})}, selections[r.id])
-
         tests = solution_run.result()[0]
+        checks = {t["nodeid"]: t["checks"] for t in tests}
+        at_home = []  # (entry, its job, its results in a student's own run or None, the worker's error)
+        for share, future in shares:
+            results, error = future.result()
+            at_home += [(m, job, result, error) for (m, job), result in zip(share, results)]
+        graded_alone = {}  # each mistake graded on its own: (region, what) -> (the tests, the run)
+        for m, job, result, _ in at_home:
+            if m.kind == "mistake":
+                select = graded_tests(m, job["select"], result, checks)
+                graded_alone[m.region, m.what] = select, pool.submit(graded_run, pristine, applied(solution, [m]),
+                                                                     select)
+
         points = {t["nodeid"]: t["points"] for t in tests}
         ok.append(report(1, f"the solution passes every graded test ({len(tests)} tests, "
                             f"{sum(t['points'] for t in tests):g} points)", solution_problems(solution_run.result())))
@@ -517,12 +539,10 @@ def check(file=None):
                          leaked + mentioned))
         ok.append(report(5, "unittests_ref.pt was generated from the current gpt.py", stale))
         outcomes = []
-        for share, future in shares:
-            results, error = future.result()
-            outcomes += [(m, job["select"], result, error, graded_alone[m.region, m.what].result()[1]
-                          if m.kind == "mistake" else None) for (m, job), result in zip(share, results)]
+        for m, job, result, error in at_home:
+            select, graded = graded_alone.get((m.region, m.what), (job["select"], None))
+            outcomes.append((m, select, result, error, graded and graded.result()[1]))
         outcomes += [(m, [], {}, None, {}) for m in entries if not selections[m.region]]
-        checks = {t["nodeid"]: t["checks"] for t in tests}
         table, wrong, disagreements = mutation_table(found, outcomes, points, checks, selections,
                                                      [(members, future.result()) for members, future in graded_together])
     number = {kind: sum(m.kind == kind for m in entries) for kind in ("mistake", "alternative")}

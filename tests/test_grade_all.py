@@ -1,6 +1,7 @@
 """`python -m instructor grade-all`: a class from an LMS download, graded each in its own sandbox as `instructor
 grade` grades one, in parallel, resumable; refused members reported per student, never fatal."""
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -134,14 +135,19 @@ def test_a_class_is_graded_as_each_alone_resumes_and_survives_ctrl_c(tmp_path):
     assert not (tmp_path / "outside.py").exists() and not (out.parent / "outside.py").exists()
     rows, name = grades(out), {s: f"{s}_{n}" for n, s in enumerate(sorted(students), start=100)}
     assert sorted(rows) == sorted(name.values())
-    for student, files in students.items():
+
+    def grade_alone(student):
         alone = tmp_path / "alone" / student
         alone.mkdir(parents=True)
-        for module, text in files.items():
+        for module, text in students[student].items():
             (alone / module).write_text(text)
-        graded = subprocess.run([sys.executable, "-m", "instructor", "grade", str(alone), "--out",
-                                 str(alone / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        expected = json.loads((alone / "results.json").read_text())
+        return subprocess.run([sys.executable, "-m", "instructor", "grade", str(alone), "--out",
+                               str(alone / "results.json")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # as grade-all --jobs 2 did
+        alone = dict(zip(students, pool.map(grade_alone, students)))
+    for student, graded in alone.items():
+        expected = json.loads((tmp_path / "alone" / student / "results.json").read_text())
         row = rows[name[student]]
         assert float(row["total"]) == expected["score"], (student, row, graded.stderr[-2000:])
         in_class = json.loads((out / "results" / f"{name[student]}.json").read_text())
