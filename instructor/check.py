@@ -414,8 +414,8 @@ def mutation_table(found, outcomes, points, checks, executed_by, graded_together
                    or graded is None or nodeid not in graded]
         if missing:
             tally.append(False)
-            problems.append(f"{m.kind} {m.region} ({m.what}): {len(missing)} of the {len(select)} graded tests that "
-                            f"run it did not run ({error or 'not collected'})")
+            problems.append(f"{m.kind} {m.region} ({m.what}): {len(missing)} of its {len(select)} graded tests did "
+                            f"not run ({error or 'not collected'})")
             continue
         failing = [nodeid for nodeid in select if not graded[nodeid]["passed"]]
         if m.kind == "mistake":
@@ -423,8 +423,7 @@ def mutation_table(found, outcomes, points, checks, executed_by, graded_together
             if not tally[-1]:
                 problems.append(f"mistake not caught: {m.region}: {m.what} (" + (
                     "no graded test executes the region" if not select else
-                    ("the graded test that runs it passes" if len(select) == 1 else
-                     f"the {len(select)} graded tests that run it pass")
+                    ("its graded test passes" if len(select) == 1 else f"its {len(select)} graded tests pass")
                     + (" or fail for no points" if failing else "")) + ")")
         else:
             failing += [nodeid for nodeid in select if not results[nodeid]["passed"] and nodeid not in failing]
@@ -498,7 +497,8 @@ def check(file=None):
         order = {nodeid: n for n, nodeid in enumerate(executed)}
         selections = {r.id: executing(r, executed) for r in found}
 
-        # the longest runs first: the catalogue's entries, then its alternatives graded together, then the stubs
+        # the longest runs first: the catalogue's entries at home (each mistake is then graded on what they show),
+        # its alternatives graded together, the stubs, then each mistake graded alone
         shares = [(share, pool.submit(run_mutants, os.path.join(tmp, "mutants", "tests"), [job for _, job in share]))
                   for share in mutant_shares(entries, solution, selections)]
         graded_together = []
