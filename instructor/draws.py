@@ -67,6 +67,8 @@ def changing(m, results, n):
 def draws(n, wanted=(), file=None):
     """Run every catalogue entry of the wanted regions (all if none) on n draws, print what changes. -> True if
     nothing does."""
+    if n < 1:
+        raise ValueError(f"--draws {n}: give at least 1")
     start = time.monotonic()
     found = release.solution_regions()
     entries, problems = check.catalogue(found)
@@ -86,7 +88,7 @@ def draws(n, wanted=(), file=None):
         for share in shares:
             for _, job in share:
                 job["draws"] = n
-        with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(shares))) as pool:
             runs = [(share, pool.submit(check.run_mutants, os.path.join(tmp, "mutants", "tests"),
                                         [job for _, job in share], timeout=check.MUTANT_TIMEOUT * n))
                     for share in shares]

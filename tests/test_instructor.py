@@ -195,6 +195,7 @@ def test_draws_reports_a_verdict_that_changes_with_the_draw_and_only_that(monkey
                           f"catalogue entries"), out
     assert cli.main(["draws", "no_such_region"]) == 2
     assert "error: no region no_such_region: the regions are tokenizer_encode, " in capsys.readouterr().err
+    assert cli.main(["draws", "--draws", "0"]) == 2 and capsys.readouterr().err == "error: --draws 0: give at least 1\n"
 
 
 def test_check_finds_solution_code_instructor_notes_and_outputs_in_a_released_notebook():
